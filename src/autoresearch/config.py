@@ -1,0 +1,175 @@
+"""autoresearch.toml: the one source of truth for a lab's settings.
+
+The file has three tables. `[lab]` says what the loop may edit and how to run an experiment,
+`[metric]` how to read the result, and `[task]` fixes the built-in task's data and evaluation
+(read by the frozen prepare.py; a lab made with `init --target` has no `[task]`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+CONFIG_NAME = "autoresearch.toml"
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """How a finished run's score is read."""
+
+    name: str = "val_bpb"  # key of a `name: value` line in the output, or of the JSON file
+    direction: str = "min"  # "min" (lower is better) or "max"
+    json_file: str | None = None  # when set, read the metric from this JSON file the run writes
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The built-in GPT task: fixed for every experiment of the lab."""
+
+    dataset: str  # climbmix, tinystories, sotu or files:PATH
+    preset: str  # cuda, mps, cpu or tiny
+    max_seq_len: int  # evaluation context length
+    vocab_size: int  # tokenizer vocabulary, special tokens included
+    eval_tokens: int  # validation tokens per evaluation
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """A parsed autoresearch.toml."""
+
+    root: Path
+    name: str
+    run: str  # the command that runs one experiment, in the lab's directory
+    budget: float  # training seconds per experiment
+    editable: tuple[str, ...]  # globs of files the agent may change
+    frozen: tuple[str, ...]  # globs of files that must not change (hashed before each run)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    task: TaskConfig | None = None
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{CONFIG_NAME}: [{where}] is missing `{key}`", "see the README for the format")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{CONFIG_NAME}: [{where}] `{key}` must be a {expected}, not {value!r}")
+    return value
+
+
+def _strings(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    values = _get(table, key, list, where, [])
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{CONFIG_NAME}: [{where}] `{key}` must be a list of file names or globs")
+    return tuple(values)
+
+
+def parse_config(text: str, root: Path) -> LabConfig:
+    """Parse and validate the text of an autoresearch.toml that lives in `root`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_NAME} is not valid TOML: {exc}", "fix the file or run `autoresearch init` again") from None
+    lab = _get(data, "lab", dict, "lab")
+    metric_t = _get(data, "metric", dict, "metric", {})
+    direction = _get(metric_t, "direction", str, "metric", "min")
+    if direction not in ("min", "max"):
+        raise ConfigError(f"{CONFIG_NAME}: [metric] `direction` must be \"min\" or \"max\", not {direction!r}")
+    metric = MetricConfig(
+        name=_get(metric_t, "name", str, "metric", "val_bpb"),
+        direction=direction,
+        json_file=_get(metric_t, "json_file", str, "metric", None),
+    )
+    budget = _get(lab, "budget", float, "lab")
+    if budget <= 0:
+        raise ConfigError(f"{CONFIG_NAME}: [lab] `budget` must be positive seconds, not {budget}")
+    editable = _strings(lab, "editable", "lab")
+    if not editable:
+        raise ConfigError(f"{CONFIG_NAME}: [lab] `editable` names no file", "list the files the agent may change")
+    task = None
+    if "task" in data:
+        t = _get(data, "task", dict, "task")
+        task = TaskConfig(
+            dataset=_get(t, "dataset", str, "task"),
+            preset=_get(t, "preset", str, "task"),
+            max_seq_len=_get(t, "max_seq_len", int, "task"),
+            vocab_size=_get(t, "vocab_size", int, "task"),
+            eval_tokens=_get(t, "eval_tokens", int, "task"),
+        )
+        for key in ("max_seq_len", "vocab_size", "eval_tokens"):
+            if getattr(task, key) <= 0:
+                raise ConfigError(f"{CONFIG_NAME}: [task] `{key}` must be positive")
+        if task.vocab_size < 260:
+            raise ConfigError(f"{CONFIG_NAME}: [task] `vocab_size` must be at least 260 (256 bytes + 4 special tokens)")
+    return LabConfig(
+        root=root,
+        name=_get(lab, "name", str, "lab", root.name),
+        run=_get(lab, "run", str, "lab"),
+        budget=budget,
+        editable=editable,
+        frozen=_strings(lab, "frozen", "lab"),
+        metric=metric,
+        task=task,
+    )
+
+
+def load_config(root: Path) -> LabConfig:
+    """Read `root/autoresearch.toml`."""
+    path = root / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist", "run `autoresearch init` to make a lab") from None
+    return parse_config(text, root)
+
+
+def render_config(
+    name: str, run: str, budget: float, editable: list[str], frozen: list[str],
+    metric: MetricConfig, task: TaskConfig | None,
+) -> str:
+    """The text of a new autoresearch.toml, with comments that explain each key."""
+    def strings(values: list[str]) -> str:
+        return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+    lines = [
+        "# autoresearch lab settings. The loop reads this file at the start of every run.",
+        "",
+        "[lab]",
+        f'name = "{name}"',
+        f'run = "{run}"{" " * max(1, 28 - len(run))}# one experiment, run in the lab directory',
+        f"budget = {budget:g}{' ' * max(1, 29 - len(f'{budget:g}'))}# training seconds per experiment (wall clock, measured from outside)",
+        f"editable = {strings(editable)}  # the only files an agent may change",
+        f"frozen = {strings(frozen)}  # hashed and checked before every run",
+        "",
+        "[metric]",
+        f'name = "{metric.name}"',
+        f'direction = "{metric.direction}"                # "min": lower is better; "max": higher is better',
+    ]
+    if metric.json_file:
+        lines.append(f'json_file = "{metric.json_file}"')
+    if task is not None:
+        lines += [
+            "",
+            "# The built-in task. prepare.py reads these; changing them changes the metric,",
+            "# so results from before and after a change are not comparable.",
+            "[task]",
+            f'dataset = "{task.dataset}"',
+            f'preset = "{task.preset}"',
+            f"max_seq_len = {task.max_seq_len}",
+            f"vocab_size = {task.vocab_size}",
+            f"eval_tokens = {task.eval_tokens}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,58 @@
+"""Typed errors. The library raises these and never prints; the CLI turns each into one line.
+
+Every error carries the sentence a user needs: what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class AutoresearchError(Exception):
+    """Base class for every expected failure. `str(err)` is the one-line message for the user."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(AutoresearchError):
+    """autoresearch.toml is missing a key, has a wrong type, or names something unknown."""
+
+
+class NotALab(AutoresearchError):
+    """The current directory (and its parents) hold no autoresearch.toml."""
+
+
+class LabExists(AutoresearchError):
+    """`init` was pointed at a directory that already holds a lab or other files."""
+
+
+class UnknownPreset(ConfigError):
+    """A preset name that presets.PRESETS does not know."""
+
+
+class UnknownDataset(ConfigError):
+    """A dataset spec that no recipe understands."""
+
+
+class DatasetUnreachable(AutoresearchError):
+    """A download failed after all retries (no network, wrong mirror URL, HTTP error)."""
+
+
+class DataNotPrepared(AutoresearchError):
+    """Shards or tokenizer are missing from the cache: `autoresearch prepare` has not run."""
+
+
+class CacheCorrupt(AutoresearchError):
+    """A cached file does not match its manifest (truncated download, edited shard, bad pickle)."""
+
+
+class GitError(AutoresearchError):
+    """A git command failed, or git is not installed."""
+
+
+class DeviceUnavailable(AutoresearchError):
+    """A preset asks for a device (cuda, mps) that this machine does not have."""

@@ -1,0 +1,91 @@
+"""A lab: a git repository with the code under study, its brief, and autoresearch.toml.
+
+`init_lab` creates one from the package's template; `find_lab` locates the lab that contains a
+directory, the way git finds its repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import constants
+from .config import CONFIG_NAME, LabConfig, MetricConfig, TaskConfig, load_config, render_config
+from .errors import LabExists, NotALab
+from .gitrepo import Git
+from .presets import Preset, get_preset
+
+STATE_DIR = ".autoresearch"  # ledger, logs and worktrees: git-ignored
+TEMPLATE_FILES = {"prepare.py": "prepare.py", "train.py": "train.py", "program.md": "program.md", "gitignore": ".gitignore"}
+
+
+@dataclass(frozen=True)
+class Lab:
+    """A lab on disk."""
+
+    root: Path
+    config: LabConfig
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+
+def find_lab(start: Path | None = None) -> Lab:
+    """The lab containing `start` (default: the current directory), searching upwards."""
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / CONFIG_NAME).is_file():
+            return Lab(directory, load_config(directory))
+    raise NotALab(f"{here} is not inside a lab (no {CONFIG_NAME} here or above)",
+                  "cd into a lab, or create one with `autoresearch init DIR`")
+
+
+def resolve_preset(name: str) -> Preset:
+    """`auto` becomes the preset of the best device present; other names are looked up."""
+    if name == "auto":
+        from .devices import detect_device  # imports torch: only when needed
+
+        return get_preset(detect_device().type)
+    return get_preset(name)
+
+
+def template_text(name: str) -> str:
+    return resources.files("autoresearch").joinpath("template", name).read_text(encoding="utf-8")
+
+
+def init_lab(path: Path, dataset: str = "sotu", preset: str = "auto", budget: float | None = None) -> Lab:
+    """Create a new lab at `path` from the template and make its first commit."""
+    from .data import dataset_key  # validates the dataset spec before anything is written
+
+    path = path.resolve()
+    if (path / CONFIG_NAME).exists():
+        raise LabExists(f"{path} is already a lab", "use it as it is, or choose another directory")
+    if path.exists() and not path.is_dir():
+        raise LabExists(f"{path} exists and is not a directory", "choose another path")
+    if path.exists() and any(path.iterdir()):
+        raise LabExists(f"{path} is not empty", "choose a new directory (use `init --target` for an existing project)")
+    dataset_key(dataset)
+    chosen = resolve_preset(preset)
+    if budget is not None and budget <= 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--budget must be positive seconds, not {budget:g}")
+    task = TaskConfig(dataset=dataset, preset=chosen.name, max_seq_len=chosen.max_seq_len,
+                      vocab_size=chosen.vocab_size, eval_tokens=chosen.eval_tokens)
+    path.mkdir(parents=True, exist_ok=True)
+    for source, target in TEMPLATE_FILES.items():
+        text = template_text(source)
+        if source == "train.py":
+            text = constants.set_constants(text, dict(chosen.train))
+        (path / target).write_text(text, encoding="utf-8")
+    (path / CONFIG_NAME).write_text(render_config(
+        name=path.name, run="python train.py", budget=budget if budget is not None else chosen.budget,
+        editable=["train.py"], frozen=["prepare.py", CONFIG_NAME], metric=MetricConfig(), task=task,
+    ), encoding="utf-8")
+    git = Git(path)
+    if not git.is_root():  # a lab inside another repository gets a repository of its own
+        git.init()
+    git.commit_all(f"autoresearch: new lab ({dataset}, preset {chosen.name})")
+    return Lab(path, load_config(path))

@@ -1,0 +1,208 @@
+"""
+The fixed half of the lab: data, tokenizer, dataloader and the metric.
+
+DO NOT MODIFY. autoresearch records this file's hash and rejects any experiment that changes it;
+the numbers it produces are what every experiment of the lab is compared on.
+
+Usage:
+    python prepare.py                  # same as `autoresearch prepare`: shards + tokenizer into the cache
+    python prepare.py --num-shards 4   # climbmix only: download fewer training shards
+
+train.py imports from here (the same names as the original autoresearch's prepare.py, so a train.py
+written for it works unchanged):
+    MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, get_token_bytes
+and, for device handling: detect_device, peak_flops.
+
+The settings below come from the lab's autoresearch.toml ([task] and [lab].budget), written once by
+`autoresearch init`. The data lives in ~/.cache/autoresearch/ (or $AUTORESEARCH_CACHE).
+"""
+
+import argparse
+import itertools
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from autoresearch import data as _data
+from autoresearch.config import load_config
+from autoresearch.data.packing import document_pieces, pack_rows, shuffled_epochs
+from autoresearch.data.tokenizer import BOS_TOKEN, load_encoding
+from autoresearch.devices import detect_device, peak_flops  # noqa: F401  (re-exported for train.py)
+from autoresearch.errors import AutoresearchError
+
+# ---------------------------------------------------------------------------
+# Constants (fixed for the lab: they define the metric)
+# ---------------------------------------------------------------------------
+
+LAB_DIR = Path(__file__).resolve().parent
+_config = load_config(LAB_DIR)
+assert _config.task is not None, "autoresearch.toml has no [task] table: this prepare.py needs one"
+
+DATASET = _config.task.dataset          # climbmix, tinystories, sotu or files:PATH
+PRESET = _config.task.preset            # the device preset the lab was made for
+MAX_SEQ_LEN = _config.task.max_seq_len  # context length of the evaluation (and default training length)
+VOCAB_SIZE = _config.task.vocab_size    # BPE vocabulary, special tokens included
+EVAL_TOKENS = _config.task.eval_tokens  # validation tokens scored by evaluate_bpb
+# Training seconds. `autoresearch run --budget` sets AUTORESEARCH_BUDGET for one run; the runner
+# also enforces the budget from outside, so this number is a promise train.py keeps, not a trust.
+TIME_BUDGET = float(os.environ.get("AUTORESEARCH_BUDGET") or _config.budget)
+
+TRAIN_SEED = 1337  # document order of the training split (a new seeded order every epoch)
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+
+def _prepared():
+    """The lab's dataset in the cache; a clear error when `autoresearch prepare` has not run."""
+    return _data.load_prepared(DATASET, VOCAB_SIZE)
+
+
+class Tokenizer:
+    """A tiktoken encoding trained by `prepare` with rustbpe, plus the BOS convention."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        directory = Path(tokenizer_dir) if tokenizer_dir else _prepared().tokenizer_dir
+        return cls(load_encoding(directory))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """A string gives a list of ids; a list of strings gives a list of lists."""
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return [prepend, *ids] if prepend is not None else ids
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return [[prepend, *row] for row in rows] if prepend is not None else rows
+        raise TypeError(f"encode() takes a str or a list of str, not {type(text).__name__}")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu"):
+    """Exact UTF-8 byte length of every token (0 for special tokens), as an int32 tensor.
+
+    Computed from each token's own bytes, not from decode([id]).encode(): a token that is part of a
+    multi-byte character decodes to a 3-byte replacement character, which would overstate the bytes
+    and make bits per byte look better than they are.
+    """
+    path = _prepared().tokenizer_dir / "token_bytes.pt"
+    return torch.load(path, map_location=device)
+
+
+# ---------------------------------------------------------------------------
+# Dataloader
+# ---------------------------------------------------------------------------
+
+
+def _row_group_loaders(split):
+    """One loader per parquet row group of the split: each returns that group's documents."""
+    loaders = []
+    for path in _prepared().files(split):
+        for index in range(pq.ParquetFile(path).num_row_groups):
+            def load(path=path, index=index):
+                table = pq.ParquetFile(path).read_row_group(index, columns=["text"])
+                return [t for t in table.column("text").to_pylist() if t]
+            loaders.append(load)
+    return loaders
+
+
+def packed_rows(tokenizer, T, split, one_pass=False):
+    """(row, epoch) pairs: rows of T + 1 token ids, BOS first, best-fit packed, no padding.
+
+    The training split is shuffled with a new seed each epoch; validation and test are read in
+    file order, so evaluation always sees the same rows. Endless unless `one_pass`.
+    """
+    assert split in ("train", "val", "test"), f"unknown split {split!r}"
+    capacity = T + 1
+    bos = tokenizer.get_bos_token_id()
+    docs = shuffled_epochs(_row_group_loaders(split), seed=TRAIN_SEED, shuffle=split == "train")
+    if one_pass:
+        docs = itertools.takewhile(lambda doc: doc[1] == 1, docs)
+    pieces = document_pieces(docs, lambda texts: tokenizer.encode(texts), bos, capacity)
+    return pack_rows(pieces, capacity, bos)
+
+
+def make_dataloader(tokenizer, B, T, split, device=None):
+    """Yield (inputs, targets, epoch): (B, T) int64 tensors on `device` (default: detect_device()).
+
+    Long documents are split at paragraph boundaries rather than cropped, so an epoch sees every
+    token of the split. Pinned memory and non-blocking copies are used on CUDA only.
+    """
+    device = torch.device(device) if device is not None else detect_device()
+    cuda = device.type == "cuda"
+    rows = packed_rows(tokenizer, T, split)
+    host = torch.empty((B, T + 1), dtype=torch.long, pin_memory=cuda)
+    host_np = host.numpy()
+    epoch = 1
+    while True:
+        for i in range(B):
+            host_np[i], epoch = next(rows)
+        batch = host.to(device, non_blocking=cuda) if device.type != "cpu" else host.clone()
+        yield batch[:, :-1], batch[:, 1:], epoch
+
+
+# ---------------------------------------------------------------------------
+# Evaluation (the metric: DO NOT CHANGE)
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size, split="val"):
+    """Bits per byte on the pinned validation split: vocabulary-independent.
+
+    Sums the per-token cross-entropy (nats) the model returns for `model(x, y, reduction='none')`,
+    sums the exact byte lengths of the target tokens, and converts nats/byte to bits/byte. Special
+    tokens (BOS, 0 bytes) count in neither sum. Always the same rows: the first EVAL_TOKENS tokens
+    of the split packed at MAX_SEQ_LEN, whatever the batch size, and never more than one pass.
+    """
+    _prepared().verify_split(split)  # the pinned split's fingerprint must match the manifest
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device=device)
+    wanted = max(1, EVAL_TOKENS // MAX_SEQ_LEN)
+    rows = itertools.islice(packed_rows(tokenizer, MAX_SEQ_LEN, split, one_pass=True), wanted)
+    total_nats, total_bytes = 0.0, 0
+    while chunk := [row for row, _ in itertools.islice(rows, batch_size)]:
+        batch = torch.from_numpy(np.stack(chunk)).to(device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        loss = model(x, y, reduction="none").reshape(-1).float()
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += (loss * (nbytes > 0)).sum().item()
+        total_bytes += nbytes.sum().item()
+    assert total_bytes > 0, f"the {split} split produced no tokens to evaluate"
+    return total_nats / (math.log(2) * total_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Main: prepare data and tokenizer (what `autoresearch prepare` runs)
+# ---------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Download or build the lab's dataset and train its tokenizer.")
+    parser.add_argument("--num-shards", type=int, default=None, help="climbmix: training shards to download")
+    parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    args = parser.parse_args()
+    try:
+        prepared = _data.prepare_dataset(DATASET, VOCAB_SIZE, num_shards=args.num_shards,
+                                         workers=args.workers, log=print)
+    except AutoresearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ready: {DATASET} in {prepared.dir} (vocabulary {VOCAB_SIZE})")
