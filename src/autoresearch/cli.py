@@ -25,9 +25,26 @@ Handler = Callable[[argparse.Namespace], int]
 def cmd_init(args: argparse.Namespace) -> int:
     """Create a lab: a git repository with prepare.py, train.py, program.md and autoresearch.toml.
 
+    With --target, make an existing git repository a lab instead: autoresearch.toml names the
+    command to run, the editable files, and how to read the metric.
+
     The preset sizes the model and the task for a device (auto picks CUDA, then Apple MPS, then
     CPU). The budget defaults to the preset's: 300 s on a GPU, 120 s on a CPU, 5 s for `tiny`.
     """
+    if args.target is not None:
+        from .lab import init_target
+
+        if not args.run or not args.editable:
+            raise ConfigError("--target needs --run COMMAND and at least one --editable FILE",
+                              "e.g. autoresearch init --target . --run 'python bench.py' --editable 'src/*.py' --metric score")
+        lab = init_target(Path(args.target), run=args.run, editable=args.editable, metric=args.metric or "score",
+                          direction=args.direction, budget=args.budget or 60.0, frozen=args.frozen,
+                          json_file=args.metric_json)
+        print(f"Made {lab.root} a lab: run `{lab.config.run}`, metric {lab.config.metric.name} "
+              f"({lab.config.metric.direction}), editable {', '.join(lab.config.editable)}")
+        return 0
+    if args.dir is None:
+        raise ConfigError("name the directory of the new lab", "autoresearch init DIR (or --target PATH for an existing repository)")
     lab = init_lab(Path(args.dir), dataset=args.dataset, preset=args.preset, budget=args.budget)
     task = lab.config.task
     assert task is not None
@@ -74,6 +91,122 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run experiments until stopped: baseline first, then propose, run, judge, keep or discard.
+
+    Stops at --max-experiments (the total for the tag, so re-running the same command after a
+    crash finishes the plan), at --hours, when the agent runs out of ideas, or on Ctrl-C (once:
+    finish the current experiment; twice: abandon it). Running it again resumes the same tag.
+    """
+    from .agents import make_agent
+    from .ledger import Ledger
+    from .loop import Loop, RunOptions, default_tag, ledger_path
+
+    lab = find_lab()
+    if args.budget is not None and args.budget <= 0:
+        raise ConfigError(f"--budget must be positive seconds, not {args.budget:g}")
+    agent = make_agent(args.agent or lab.config.agent, lab.root, lab.config.agent_options)
+    tag = args.tag or default_tag(lab)
+    options = RunOptions(tag=tag, budget=args.budget, max_experiments=args.max_experiments, hours=args.hours)
+    with Ledger(ledger_path(lab)) as ledger:
+        loop = Loop(lab, agent, options, ledger, _view(args.plain))
+        reason = loop.run()
+        commit, metric = loop.champion()
+    if metric is not None:
+        print(f"champion {metric:.6f} at {commit[:7] if commit else '?'} (branch autoresearch/{tag}); "
+              f"{reason}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show every experiment: id, commit, metric, change vs the champion, status, seconds, description."""
+    from .ledger import Ledger
+    from .loop import default_tag, ledger_path
+    from .report import status_rows
+
+    lab = find_lab()
+    path = ledger_path(lab)
+    if not path.exists():
+        raise ConfigError("no experiments yet in this lab", "start them with `autoresearch run`")
+    tag = args.tag or default_tag(lab)
+    with Ledger(path) as ledger:
+        rows = status_rows(ledger.experiments(tag))
+    if args.json:
+        import json
+
+        print(json.dumps({"tag": tag, "experiments": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {tag}", header_style="bold")
+    for name in ("id", "commit", "metric", "delta", "status", "seconds", "description"):
+        table.add_column(name, justify="right" if name in ("id", "metric", "delta", "seconds") else "left")
+    for r in rows:
+        table.add_row(str(r["id"]), r["commit"], "" if r["metric"] is None else f"{r['metric']:.6f}",
+                      "" if r["delta"] is None else f"{r['delta']:+.6f}", r["status"],
+                      "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["description"])
+    Console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write progress.png (metric per experiment, kept ones highlighted, running best) and report.md."""
+    from .ledger import Ledger
+    from .loop import default_tag, ledger_path
+    from .report import write_report
+
+    lab = find_lab()
+    path = ledger_path(lab)
+    if not path.exists():
+        raise ConfigError("no experiments yet in this lab", "start them with `autoresearch run`")
+    tag = args.tag or default_tag(lab)
+    out = Path(args.out) if args.out else lab.root
+    with Ledger(path) as ledger:
+        png, md = write_report(ledger.experiments(tag), out, lab.config.metric.name, lab.config.metric.direction, tag)
+    print(f"wrote {png} and {md}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Try everything on this machine in minutes, offline: a lab on the State of the Union corpus,
+    a baseline and a few short experiments by the built-in `hparam` agent, and a report.
+    """
+    from .agents import make_agent
+    from .data import prepare_dataset
+    from .ledger import Ledger
+    from .loop import Loop, RunOptions, ledger_path
+    from .report import write_report
+
+    root = Path(args.dir)
+    if (root / "autoresearch.toml").exists():
+        from .lab import find_lab as _find
+
+        lab = _find(root)
+        print(f"Using the demo lab in {lab.root}")
+    else:
+        lab = init_lab(root, dataset="sotu", preset=args.preset, budget=args.budget)
+        print(f"Created demo lab {lab.root}")
+    task = lab.config.task
+    assert task is not None
+    prepare_dataset(task.dataset, task.vocab_size, log=lambda line: print(line, flush=True))
+    options = RunOptions(tag="demo", max_experiments=args.experiments)
+    with Ledger(ledger_path(lab)) as ledger:
+        loop = Loop(lab, make_agent("hparam", lab.root), options, ledger, _view(args.plain))
+        loop.run()
+        png, md = write_report(ledger.experiments("demo"), lab.root, lab.config.metric.name,
+                               lab.config.metric.direction, "demo")
+    print(f"Report: {md} and {png}")
+    print(f"Next: cd {os.path.relpath(lab.root)} && autoresearch status")
+    return 0
+
+
+def _view(plain: bool):  # type: ignore[no-untyped-def]
+    from .view import LiveView, PlainView
+
+    return PlainView() if plain or not sys.stdout.isatty() else LiveView()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoresearch",
@@ -92,12 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("init", cmd_init)
-    p.add_argument("dir", help="directory of the new lab (must not exist or be empty)")
+    p.add_argument("dir", nargs="?", help="directory of the new lab (must not exist or be empty)")
     p.add_argument("--dataset", default="sotu",
                    help="climbmix, tinystories, sotu (offline, the default) or files:PATH")
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                    help="device preset (default: auto)")
     p.add_argument("--budget", type=float, default=None, help="training seconds per experiment")
+    p.add_argument("--target", default=None, metavar="PATH", help="make an existing git repository a lab instead")
+    p.add_argument("--run", default=None, help="with --target: the command that runs one experiment")
+    p.add_argument("--editable", action="append", default=[], metavar="GLOB", help="with --target: a file the agent may change (repeatable)")
+    p.add_argument("--frozen", action="append", default=[], metavar="GLOB", help="with --target: a file that must not change (repeatable)")
+    p.add_argument("--metric", default=None, help="with --target: the metric's name (a `name: value` output line)")
+    p.add_argument("--metric-json", default=None, metavar="FILE", help="with --target: read the metric from this JSON file instead")
+    p.add_argument("--direction", default="min", choices=["min", "max"], help="with --target: is lower or higher better")
 
     p = add("prepare", cmd_prepare)
     p.add_argument("--num-shards", type=int, default=None, help="climbmix: training shards to download (default 10)")
@@ -105,6 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train)
     p.add_argument("--budget", type=float, default=None, help="override the lab's training seconds for this run")
+
+    p = add("run", cmd_run)
+    p.add_argument("--agent", default=None, help="hparam (default, no LLM) or patches:DIR")
+    p.add_argument("--budget", type=float, default=None, help="training seconds per experiment (default: the lab's)")
+    p.add_argument("--max-experiments", type=int, default=None, help="stop when the tag has this many experiments")
+    p.add_argument("--hours", type=float, default=None, help="stop after this many hours")
+    p.add_argument("--tag", default=None, help="name of the run (default: the latest run, else today's date)")
+    p.add_argument("--plain", action="store_true", help="print a line per experiment instead of the live view")
+
+    p = add("status", cmd_status)
+    p.add_argument("--tag", default=None, help="which run (default: the latest)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("report", cmd_report)
+    p.add_argument("--tag", default=None, help="which run (default: the latest)")
+    p.add_argument("--out", default=None, help="directory for progress.png and report.md (default: the lab)")
+
+    p = add("demo", cmd_demo)
+    p.add_argument("dir", nargs="?", default="autoresearch-demo", help="where to put the demo lab")
+    p.add_argument("--preset", default="cpu", choices=["auto", *PRESETS], help="device preset (default: cpu)")
+    p.add_argument("--budget", type=float, default=20, help="training seconds per experiment (default 20)")
+    p.add_argument("--experiments", type=int, default=4, help="experiments after the baseline (default 4)")
+    p.add_argument("--plain", action="store_true", help="print a line per experiment instead of the live view")
     return parser
 
 

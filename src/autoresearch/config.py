@@ -20,6 +20,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 CONFIG_NAME = "autoresearch.toml"
+SECRET_PATTERNS = ("*_API_KEY", "*_TOKEN", "*SECRET*", "*PASSWORD*", "*_CREDENTIALS")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class LabConfig:
     frozen: tuple[str, ...]  # globs of files that must not change (hashed before each run)
     metric: MetricConfig = field(default_factory=MetricConfig)
     task: TaskConfig | None = None
+    startup_allowance: float = 60.0  # seconds added to the limit for start-up and compilation
+    eval_allowance: float = 60.0  # seconds added to the limit for the final evaluation
+    secret_env: tuple[str, ...] = SECRET_PATTERNS  # environment variables never passed to a run
+    log_cap_mb: float = 10.0  # output kept per experiment (head and tail)
+    memory_limit_gb: float | None = None  # address-space limit of a run (Linux/macOS)
+    agent: str = "hparam"  # the default --agent
+    agent_options: dict[str, Any] = field(default_factory=dict)  # the [agent] table, e.g. the hparam space
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -114,6 +122,8 @@ def parse_config(text: str, root: Path) -> LabConfig:
                 raise ConfigError(f"{CONFIG_NAME}: [task] `{key}` must be positive")
         if task.vocab_size < 260:
             raise ConfigError(f"{CONFIG_NAME}: [task] `vocab_size` must be at least 260 (256 bytes + 4 special tokens)")
+    agent_t = dict(_get(data, "agent", dict, "agent", {}))
+    memory = _get(lab, "memory_limit_gb", float, "lab", None)
     return LabConfig(
         root=root,
         name=_get(lab, "name", str, "lab", root.name),
@@ -123,6 +133,13 @@ def parse_config(text: str, root: Path) -> LabConfig:
         frozen=_strings(lab, "frozen", "lab"),
         metric=metric,
         task=task,
+        startup_allowance=_get(lab, "startup_allowance", float, "lab", 60.0),
+        eval_allowance=_get(lab, "eval_allowance", float, "lab", 60.0),
+        secret_env=_strings(lab, "secret_env", "lab") or SECRET_PATTERNS,
+        log_cap_mb=_get(lab, "log_cap_mb", float, "lab", 10.0),
+        memory_limit_gb=memory,
+        agent=_get(agent_t, "name", str, "agent", "hparam"),
+        agent_options={k: v for k, v in agent_t.items() if k != "name"},
     )
 
 
@@ -153,6 +170,11 @@ def render_config(
         f"budget = {budget:g}{' ' * max(1, 29 - len(f'{budget:g}'))}# training seconds per experiment (wall clock, measured from outside)",
         f"editable = {strings(editable)}  # the only files an agent may change",
         f"frozen = {strings(frozen)}  # hashed and checked before every run",
+        "startup_allowance = 60         # seconds added to the limit for start-up (the budget still counts them)",
+        "eval_allowance = 60            # seconds added to the limit for the final evaluation",
+        "",
+        "[agent]",
+        'name = "hparam"                # default for `autoresearch run`; override with --agent',
         "",
         "[metric]",
         f'name = "{metric.name}"',

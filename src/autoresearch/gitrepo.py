@@ -55,3 +55,84 @@ class Git:
 
     def is_clean(self) -> bool:
         return self.run("status", "--porcelain") == ""
+
+    # -- what the loop needs ------------------------------------------------------------------
+
+    def head(self) -> str:
+        return self.run("rev-parse", "HEAD")
+
+    def resolve(self, ref: str) -> str | None:
+        """The commit a ref points at, or None when it does not exist."""
+        out = self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+        return out or None
+
+    def update_ref(self, ref: str, commit: str, old: str | None = None) -> None:
+        """Point `ref` at `commit`; with `old`, only if it still points there (compare and swap)."""
+        args = ["update-ref", ref, commit]
+        if old is not None:
+            args.append(old)
+        self.run(*args)
+
+    def current_branch(self) -> str | None:
+        out = self.run("symbolic-ref", "--quiet", "HEAD", check=False)
+        return out or None
+
+    def show(self, commit: str, path: str) -> bytes | None:
+        """A file's bytes at a commit, or None when the file is not there."""
+        proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.root, capture_output=True)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def ls_files(self, commit: str) -> list[str]:
+        out = self.run("ls-tree", "-r", "--name-only", commit)
+        return out.splitlines() if out else []
+
+    def add_worktree(self, path: Path, commit: str) -> None:
+        self.run("worktree", "prune")
+        self.run("worktree", "add", "--detach", "--force", str(path), commit)
+
+    def reset_to(self, commit: str) -> None:
+        """Make this (worktree) checkout exactly `commit`: tracked files restored, untracked removed."""
+        self.run("checkout", "-q", "--detach", "--force", commit)
+        self.run("reset", "-q", "--hard", commit)
+        self.run("clean", "-q", "-fdx")
+
+    def changed_paths(self) -> list[str]:
+        """Paths that differ from HEAD in the working tree: modified, added, deleted, untracked."""
+        out = self.run("status", "--porcelain", "-z", "--untracked-files=all")
+        paths: list[str] = []
+        entries = out.split("\0")
+        i = 0
+        while i < len(entries):
+            entry = entries[i]
+            i += 1
+            if not entry:
+                continue
+            code, path = entry[:2], entry[3:]
+            paths.append(path)
+            if "R" in code or "C" in code:  # a rename is followed by its source path
+                paths.append(entries[i])
+                i += 1
+        return sorted(set(paths))
+
+    def diff_head(self) -> str:
+        """The working tree's changes against HEAD as a unified diff, new files included."""
+        self.run("add", "-A")
+        return self.run_raw("diff", "--cached", "--binary", "HEAD")
+
+    def run_raw(self, *args: str) -> str:
+        """Like run(), but the output is not stripped (diffs must end with their newline)."""
+        proc = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise GitError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def apply(self, patch: str) -> str | None:
+        """Apply a unified diff to the working tree; the error text when it does not apply."""
+        proc = subprocess.run(["git", "apply", "--whitespace=nowarn", "-"], cwd=self.root, input=patch,
+                              capture_output=True, text=True)
+        return None if proc.returncode == 0 else (proc.stderr.strip() or "git apply failed")
+
+    def commit_staged(self, message: str) -> str:
+        """Commit what is staged (even nothing) and return the commit's hash."""
+        self.run("commit", "-q", "--no-verify", "--allow-empty", "-m", message, env=self._identity_env())
+        return self.head()

@@ -89,3 +89,37 @@ def init_lab(path: Path, dataset: str = "sotu", preset: str = "auto", budget: fl
         git.init()
     git.commit_all(f"autoresearch: new lab ({dataset}, preset {chosen.name})")
     return Lab(path, load_config(path))
+
+
+def init_target(path: Path, run: str, editable: list[str], metric: str = "score", direction: str = "min",
+                budget: float = 60.0, frozen: list[str] | None = None, json_file: str | None = None) -> Lab:
+    """Turn an existing git repository into a lab: write autoresearch.toml, ignore the state dir, commit.
+
+    Only those two files are added or changed; the project's own files are left as they are.
+    """
+    from .errors import ConfigError
+
+    path = path.resolve()
+    git = Git(path)
+    if not path.is_dir() or not git.is_root():
+        raise NotALab(f"{path} is not the top of a git repository", "run `git init` there first, or give the repository's root")
+    if (path / CONFIG_NAME).exists():
+        raise LabExists(f"{path} is already a lab", f"edit {CONFIG_NAME} instead")
+    if direction not in ("min", "max"):
+        raise ConfigError(f"--direction must be min or max, not {direction!r}")
+    if not editable:
+        raise ConfigError("name at least one --editable file or glob")
+    if git.resolve("HEAD") is None:
+        raise NotALab(f"{path} has no commit yet", "commit the project's files first")
+    (path / CONFIG_NAME).write_text(render_config(
+        name=path.name, run=run, budget=budget, editable=editable, frozen=[CONFIG_NAME, *(frozen or [])],
+        metric=MetricConfig(name=metric, direction=direction, json_file=json_file), task=None,
+    ), encoding="utf-8")
+    ignore = path / ".gitignore"
+    existing = ignore.read_text(encoding="utf-8") if ignore.exists() else ""
+    if f"{STATE_DIR}/" not in existing.splitlines():
+        ignore.write_text(existing + ("" if existing.endswith("\n") or not existing else "\n")
+                          + f"{STATE_DIR}/\nresults.tsv\n", encoding="utf-8")
+    git.run("add", CONFIG_NAME, ".gitignore")
+    git.commit_staged("autoresearch: make this repository a lab")
+    return Lab(path, load_config(path))

@@ -60,8 +60,11 @@ TRAIN_SEED = 1337  # document order of the training split (a new seeded order ev
 
 
 def _prepared():
-    """The lab's dataset in the cache; a clear error when `autoresearch prepare` has not run."""
-    return _data.load_prepared(DATASET, VOCAB_SIZE)
+    """The lab's dataset in the cache; a one-line error and exit 1 when it is missing or damaged."""
+    try:
+        return _data.load_prepared(DATASET, VOCAB_SIZE)
+    except AutoresearchError as exc:
+        sys.exit(f"error: {exc}")
 
 
 class Tokenizer:

@@ -1,0 +1,221 @@
+"""Which device to train on, and how many FLOP/s it can do at best.
+
+`detect_device` picks CUDA, then Apple MPS, then the CPU; a preference (argument or
+$AUTORESEARCH_DEVICE) forces one and fails loudly when that device is missing.
+
+`peak_flops` is the denominator of the model FLOPs utilisation (MFU) that train.py prints. For
+NVIDIA GPUs it comes from the vendor's dense bf16 tensor-core figure; for anything else (CPUs, Apple
+GPUs, GPUs missing from the table) it is measured with a large matmul and cached per machine, so the
+measurement costs start-up time once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import settings
+from .errors import DeviceUnavailable
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+DEVICE_ENV = "AUTORESEARCH_DEVICE"
+CACHE_FILE = "peak_flops.json"
+
+# Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from NVIDIA's data sheets. Matched as
+# substrings of torch.cuda.get_device_name(), first match wins, so more specific names come first.
+# GeForce cards are listed at their fp32-accumulate rate, the one bf16 training uses.
+CUDA_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM; its name reads "NVIDIA H100 80GB HBM3"
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12),
+    ("RTX A6000", 155e12),
+    ("RTX 5090", 210e12),
+    ("RTX 4090", 165e12),
+    ("RTX 4080", 97e12),
+    ("RTX 3090", 71e12),
+    ("RTX 3080", 59e12),
+)
+
+
+# ---------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def detect_device(
+    prefer: str | None = None,
+    *,
+    cuda_available: bool | None = None,
+    mps_available: bool | None = None,
+) -> torch.device:
+    """The device to train on: `prefer`, else $AUTORESEARCH_DEVICE, else CUDA -> MPS -> CPU.
+
+    `cuda_available` and `mps_available` replace the real checks (tests use them to walk every
+    branch on a machine that has neither). A forced device that is missing raises
+    DeviceUnavailable; an unknown name raises it too.
+    """
+    choice = (prefer or os.environ.get(DEVICE_ENV) or "").strip().lower()
+    has_cuda = _cuda_available() if cuda_available is None else cuda_available
+    has_mps = _mps_available() if mps_available is None else mps_available
+    present = {"cuda": has_cuda, "mps": has_mps, "cpu": True}
+    if not choice or choice == "auto":
+        for kind in DEVICE_TYPES:
+            if present[kind]:
+                return torch.device(kind)
+    kind = choice.split(":", 1)[0]
+    if kind not in present:
+        raise DeviceUnavailable(
+            f"unknown device {choice!r}",
+            f"use one of: auto, {', '.join(DEVICE_TYPES)} (argument or ${DEVICE_ENV})",
+        )
+    if not present[kind]:
+        found = ", ".join(k for k in DEVICE_TYPES if present[k])
+        raise DeviceUnavailable(
+            f"device {kind!r} was asked for but this machine does not have it",
+            f"available here: {found}; unset ${DEVICE_ENV} or choose a preset for this machine",
+        )
+    return torch.device(choice)
+
+
+# ---------------------------------------------------------------------------
+# Peak FLOP/s
+# ---------------------------------------------------------------------------
+
+
+def cuda_table_peak(name: str) -> float | None:
+    """The data-sheet bf16 peak of the NVIDIA GPU called `name`, or None when not in the table."""
+    for key, flops in CUDA_PEAK_BF16:
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+def processor_name() -> str:
+    """A human-readable CPU model name ("AMD EPYC 9B45"); falls back to platform strings."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_matmul_flops(
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    size: int | None = None,
+    max_seconds: float = 0.5,
+    max_reps: int = 8,
+) -> float:
+    """Best FLOP/s of a square `size` x `size` matmul, over up to `max_reps` timed repeats.
+
+    The best repeat, not the mean: the aim is the machine's ceiling, and on a shared machine other
+    processes only ever make a repeat slower. On 2 Zen 5 cores a 2048 bf16 matmul takes ~21 ms
+    (~810 GFLOP/s) and the fp32 one ~92 ms (~190 GFLOP/s), so the default budget fits in 0.5 s.
+    """
+    if size is None:
+        size = {"cuda": 8192, "mps": 4096}.get(device.type, 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    (a @ b)  # warm-up: the first call pays for kernel selection and page faults
+    _synchronize(device)
+    best = float("inf")
+    start = time.perf_counter()
+    for _ in range(max_reps):
+        t0 = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    return 2.0 * size**3 / best
+
+
+def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = processor_name()
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return f"{device.type}|{name}|torch {torch.__version__}|threads {threads}|{dtype}"
+
+
+def _cache_path() -> Path:
+    return settings.cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        data = json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, value: float) -> None:
+    path = _cache_path()
+    data = _read_cache()
+    data[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.replace(path)  # atomic: two labs starting at once never see half a file
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, refresh: bool = False) -> float:
+    """Peak dense matmul FLOP/s of `device` in `dtype`: the data sheet for known NVIDIA GPUs,
+    otherwise measured once per (processor, torch version, thread count, dtype) and cached in
+    settings.cache_dir(). `refresh=True` measures again and overwrites the cached figure.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        table = cuda_table_peak(torch.cuda.get_device_name(device))
+        if table is not None:
+            return table
+    key = _cache_key(device, dtype)
+    if not refresh:
+        cached = _read_cache().get(key)
+        if isinstance(cached, (int, float)) and cached > 0:
+            return float(cached)
+    value = measure_matmul_flops(device, dtype)
+    _write_cache(key, value)
+    return value

@@ -1,0 +1,266 @@
+"""The ledger: every experiment ever run, in SQLite (WAL). The source of truth.
+
+Migrations are named functions applied in order on every open and recorded in `_migrations`,
+so opening is safe to repeat and an old ledger is brought up to date. A row is written before
+an experiment runs (status `running`) and completed after, so no experiment can disappear.
+`results.tsv` (the original's five columns) is exported from here, never the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import AutoresearchError
+
+STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invalid", "killed")
+FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed")
+
+
+class LedgerError(AutoresearchError):
+    """The ledger file is unreadable, locked for too long, or from a newer autoresearch."""
+
+
+def m001_initial(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            tag TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            config_json TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            stopped_at REAL,
+            stop_reason TEXT
+        )""")
+    db.execute("""
+        CREATE TABLE experiments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER REFERENCES runs(id),
+            tag TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT 'experiment',
+            parent_commit TEXT NOT NULL,
+            commit_sha TEXT,
+            agent TEXT NOT NULL,
+            description TEXT NOT NULL,
+            rationale TEXT,
+            patch TEXT,
+            status TEXT NOT NULL,
+            reason TEXT,
+            metric REAL,
+            champion_metric REAL,
+            summary_json TEXT,
+            memory_gb REAL,
+            propose_seconds REAL,
+            run_seconds REAL,
+            evaluate_seconds REAL,
+            log_path TEXT,
+            pid INTEGER,
+            pgid INTEGER,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL
+        )""")
+    db.execute("CREATE INDEX experiments_tag ON experiments(tag, id)")
+
+
+def m002_lines_changed(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE experiments ADD COLUMN lines_changed INTEGER")
+    db.execute("ALTER TABLE experiments ADD COLUMN outcome TEXT")
+    db.execute("ALTER TABLE experiments ADD COLUMN meta_json TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the experiments table."""
+
+    id: int
+    run_id: int | None
+    tag: str
+    kind: str  # baseline, experiment or repeat
+    parent_commit: str
+    commit_sha: str | None
+    agent: str
+    description: str
+    rationale: str | None
+    patch: str | None
+    status: str
+    reason: str | None
+    metric: float | None
+    champion_metric: float | None
+    summary_json: str | None
+    memory_gb: float | None
+    propose_seconds: float | None
+    run_seconds: float | None
+    evaluate_seconds: float | None
+    log_path: str | None
+    pid: int | None
+    pgid: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    lines_changed: int | None
+    outcome: str | None
+    meta_json: str | None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the agent attached to its proposal (the hparam agent: the parameter values)."""
+        return json.loads(self.meta_json) if self.meta_json else {}
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_json) if self.summary_json else {}
+
+    @property
+    def short_commit(self) -> str:
+        return (self.commit_sha or self.parent_commit)[:7]
+
+
+class Ledger:
+    """An open ledger. One writer (the loop); readers (status, report, dashboard) may share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot open the ledger {path}: {exc}",
+                              "move the file aside to start a new ledger; the git refs keep every experiment") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {row[0] for row in self.db.execute("SELECT name FROM _migrations")}
+        known = {m.__name__ for m in MIGRATIONS}
+        if done - known:
+            raise LedgerError(f"the ledger {self.path} was written by a newer autoresearch ({sorted(done - known)[-1]})",
+                              "upgrade autoresearch")
+        for migration in MIGRATIONS:
+            if migration.__name__ in done:
+                continue
+            with self.transaction() as db:
+                migration(db)
+                db.execute("INSERT INTO _migrations VALUES (?, ?)", (migration.__name__, time.time()))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM _migrations").fetchone()[0])
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(self, tag: str, agent: str, config: dict[str, Any]) -> int:
+        with self.transaction() as db:
+            cur = db.execute("INSERT INTO runs (tag, agent, config_json, started_at) VALUES (?, ?, ?, ?)",
+                             (tag, agent, json.dumps(config, sort_keys=True, default=str), time.time()))
+        return int(cur.lastrowid or 0)
+
+    def stop_run(self, run_id: int, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET stopped_at = ?, stop_reason = ? WHERE id = ?", (time.time(), reason, run_id))
+
+    def runs(self, tag: str | None = None) -> list[sqlite3.Row]:
+        if tag is None:
+            return list(self.db.execute("SELECT * FROM runs ORDER BY id"))
+        return list(self.db.execute("SELECT * FROM runs WHERE tag = ? ORDER BY id", (tag,)))
+
+    # -- experiments ------------------------------------------------------------------------
+
+    def add(self, *, run_id: int | None, tag: str, kind: str, parent_commit: str, agent: str,
+            description: str, status: str = "pending", **fields: Any) -> int:
+        """Insert an experiment and return its id."""
+        assert status in STATUSES, status
+        if "meta" in fields:
+            fields["meta_json"] = json.dumps(fields.pop("meta"), sort_keys=True, default=str)
+        row = dict(run_id=run_id, tag=tag, kind=kind, parent_commit=parent_commit, agent=agent,
+                   description=description, status=status, created_at=time.time(), **fields)
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.transaction() as db:
+            cur = db.execute(f"INSERT INTO experiments ({names}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid or 0)
+
+    def update(self, experiment_id: int, **fields: Any) -> None:
+        """Set columns of one experiment (summary= takes a dict and is stored as JSON)."""
+        for name in ("summary", "meta"):
+            if name in fields:
+                fields[f"{name}_json"] = json.dumps(fields.pop(name), sort_keys=True, default=str)
+        if "status" in fields:
+            assert fields["status"] in STATUSES, fields["status"]
+        if not fields:
+            return
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE experiments SET {sets} WHERE id = ?", (*fields.values(), experiment_id))
+
+    def get(self, experiment_id: int) -> Experiment:
+        row = self.db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no experiment {experiment_id} in the ledger")
+        return Experiment(**dict(row))
+
+    def experiments(self, tag: str | None = None) -> list[Experiment]:
+        sql, args = "SELECT * FROM experiments", ()
+        if tag is not None:
+            sql, args = sql + " WHERE tag = ?", (tag,)
+        return [Experiment(**dict(row)) for row in self.db.execute(sql + " ORDER BY id", args)]
+
+    def unfinished(self, tag: str) -> list[Experiment]:
+        """Experiments a killed orchestrator left `pending` or `running`."""
+        return [e for e in self.experiments(tag) if e.status in ("pending", "running")]
+
+    def tags(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT tag FROM experiments ORDER BY tag")]
+
+    # -- export -----------------------------------------------------------------------------
+
+    def export_tsv(self, path: Path, tag: str | None = None) -> None:
+        """Write results.tsv in the original's format: commit, val_bpb, memory_gb, status, description.
+
+        Crashes get 0.000000 and 0.0 as in the original; unfinished rows are left out. Written to a
+        temporary file and renamed, so a reader never sees half a file.
+        """
+        lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
+        for e in self.experiments(tag):
+            if e.status not in FINAL:
+                continue
+            metric = e.metric if e.metric is not None and e.status in ("keep", "discard") else 0.0
+            memory = e.memory_gb if e.memory_gb is not None and e.status in ("keep", "discard") else 0.0
+            status = e.status if e.status in ("keep", "discard") else "crash"
+            description = " ".join(e.description.split()).replace("\t", " ")
+            lines.append(f"{e.short_commit}\t{metric:.6f}\t{memory:.1f}\t{status}\t{description}")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(path)

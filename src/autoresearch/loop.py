@@ -1,0 +1,370 @@
+"""The ratchet: baseline, then propose -> check -> commit -> run -> judge -> advance or not -> record.
+
+The ledger is the source of truth; git refs and results.tsv are derived from it and repaired from
+it when a run resumes. Every step is written down before the next one starts, so `kill -9` at any
+moment loses nothing: running the same command again resumes.
+
+Git layout: the branch `autoresearch/<tag>` points at the champion; every experiment's commit is
+kept under `refs/autoresearch/experiments/<id>`; experiments run in a worktree of their own under
+`.autoresearch/worktrees/<tag>`, so the person's checkout is never used and never wiped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import runner as runner_mod
+from .agents.base import Agent, AgentError, Proposal, ResearchContext
+from .checks import check_change, frozen_hashes, lines_changed, matches, patch_hash
+from .errors import AutoresearchError
+from .gitrepo import Git
+from .judge import Judge, StrictJudge
+from .lab import Lab
+from .ledger import Experiment, Ledger
+from .view import View
+
+EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
+CRASH_STATUS = {"crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
+
+
+class LoopError(AutoresearchError):
+    """The loop cannot go on: the baseline fails, the branch was moved by hand, ..."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    tag: str
+    budget: float | None = None  # overrides the lab's budget
+    max_experiments: int | None = None  # total experiments of this tag (a re-run finishes the plan)
+    hours: float | None = None  # wall-clock limit of this invocation
+
+
+def ledger_path(lab: Lab) -> Path:
+    return lab.state_dir / "ledger.db"
+
+
+def default_tag(lab: Lab) -> str:
+    """The tag of the latest run in this lab (so re-running resumes it), else today's date (nov23)."""
+    path = ledger_path(lab)
+    if path.exists():
+        with Ledger(path) as ledger:
+            runs = ledger.runs()
+            if runs:
+                return str(runs[-1]["tag"])
+    return time.strftime("%b%d").lower()
+
+
+class Loop:
+    """One `autoresearch run`: owns the ledger's writes for its tag."""
+
+    def __init__(self, lab: Lab, agent: Agent, options: RunOptions, ledger: Ledger, view: View,
+                 judge: Judge | None = None) -> None:
+        self.lab, self.agent, self.options, self.ledger, self.view = lab, agent, options, ledger, view
+        self.judge = judge or StrictJudge()
+        self.config = lab.config
+        self.git = Git(lab.root)
+        self.tag = options.tag
+        self.branch = f"refs/heads/autoresearch/{self.tag}"
+        self.worktree = lab.state_dir / "worktrees" / self.tag
+        self.wt = Git(self.worktree)
+        self.logs = lab.state_dir / "logs"
+        self.budget = options.budget or self.config.budget
+        self.run_id = 0
+        self.stop_reason = ""
+        self._stop_requested = False
+
+    # -- public -----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
+        self._check_tag()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.run_id = self.ledger.start_run(self.tag, self.agent.name, self._snapshot())
+        previous = signal.getsignal(signal.SIGINT)
+        if _is_main_thread():
+            signal.signal(signal.SIGINT, self._on_sigint)
+        started = time.monotonic()
+        try:
+            self._recover()
+            self.view.start(self.lab.root.name, self.tag, self.agent.name, self.champion()[1], self.budget)
+            if self._baseline() is None:
+                self._run_baseline()
+            for e in self.ledger.unfinished(self.tag):
+                self.view.message(f"resuming experiment {e.id} ({e.description})")
+                self._execute(e.id)
+            while not self.stop_reason:
+                self.stop_reason = self._limit_reached(started)
+                if self.stop_reason:
+                    break
+                self._one_experiment()
+        except KeyboardInterrupt:
+            self.stop_reason = "stopped by Ctrl-C"
+        finally:
+            if _is_main_thread():
+                signal.signal(signal.SIGINT, previous)
+            self.ledger.stop_run(self.run_id, self.stop_reason or "error")
+            self._export()
+            self.view.stop(self.stop_reason or "stopped by an error")
+        return self.stop_reason
+
+    def champion(self) -> tuple[str | None, float | None]:
+        """(commit, metric) of the latest kept experiment of this tag."""
+        kept = [e for e in self.ledger.experiments(self.tag) if e.status == "keep"]
+        if not kept:
+            return None, None
+        return kept[-1].commit_sha, kept[-1].metric
+
+    # -- setup and recovery -----------------------------------------------------------------
+
+    def _check_tag(self) -> None:
+        if not self.tag or any(c in self.tag for c in " ~^:?*[\\") or self.tag.startswith("-"):
+            raise LoopError(f"invalid tag {self.tag!r}", "use letters, digits, dots, dashes and underscores")
+        if self.git.resolve("HEAD") is None:
+            raise LoopError(f"{self.lab.root} has no commit yet", "commit the lab's files first")
+
+    def _snapshot(self) -> dict[str, Any]:
+        c = self.config
+        return {"run": c.run, "budget": self.budget, "editable": c.editable, "frozen": c.frozen,
+                "metric": c.metric.__dict__, "task": c.task.__dict__ if c.task else None,
+                "startup_allowance": c.startup_allowance, "eval_allowance": c.eval_allowance,
+                "max_experiments": self.options.max_experiments, "hours": self.options.hours}
+
+    def _recover(self) -> None:
+        """Make git agree with the ledger after any interruption, and end orphaned runs."""
+        for e in self.ledger.unfinished(self.tag):
+            if e.pgid and runner_mod.group_alive(e.pgid):
+                self.view.message(f"ending process group {e.pgid} left running by experiment {e.id}")
+                runner_mod.kill_group(e.pgid)
+            if e.commit_sha is None:  # recorded but never committed: it never ran
+                self.ledger.update(e.id, status="killed", reason="interrupted before it ran", finished_at=time.time())
+        for e in self.ledger.experiments(self.tag):
+            ref = EXPERIMENT_REF.format(id=e.id)
+            if e.commit_sha and self.git.resolve(ref) is None and self.git.resolve(e.commit_sha):
+                self.git.update_ref(ref, e.commit_sha)
+        commit, _ = self.champion()
+        start = commit or self.git.resolve(self.branch) or self.git.head()
+        if self.git.resolve(self.branch) != start:
+            self.git.update_ref(self.branch, start)
+        if not (self.worktree / ".git").exists():
+            self.worktree.parent.mkdir(parents=True, exist_ok=True)
+            self.git.add_worktree(self.worktree, start)
+        self.wt.reset_to(start)
+
+    def _baseline(self) -> Experiment | None:
+        rows = [e for e in self.ledger.experiments(self.tag) if e.kind == "baseline" and e.status == "keep"]
+        return rows[0] if rows else None
+
+    def _frozen(self) -> dict[str, str]:
+        first = next(e for e in self.ledger.experiments(self.tag) if e.kind == "baseline")
+        return frozen_hashes(self.git, first.commit_sha or first.parent_commit, self.config.frozen)
+
+    # -- the steps --------------------------------------------------------------------------
+
+    def _run_baseline(self) -> None:
+        start = self.git.resolve(self.branch) or self.git.head()
+        eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="baseline", parent_commit=start,
+                              commit_sha=start, agent=self.agent.name, description="baseline", status="running",
+                              lines_changed=0)
+        self.git.update_ref(EXPERIMENT_REF.format(id=eid), start)
+        e = self._execute(eid)
+        if e.status != "keep":
+            self.stop_reason = "baseline failed"
+            raise LoopError(f"the baseline run failed ({e.reason}); nothing can be compared against it",
+                            f"fix the code under study and run again; log: {e.log_path}")
+
+    def _limit_reached(self, started: float) -> str:
+        if self._stop_requested:
+            return "stopped by Ctrl-C after finishing the experiment"
+        done = sum(1 for e in self.ledger.experiments(self.tag) if e.kind == "experiment")
+        if self.options.max_experiments is not None and done >= self.options.max_experiments:
+            return f"reached --max-experiments {self.options.max_experiments}"
+        if self.options.hours is not None and time.monotonic() - started >= self.options.hours * 3600:
+            return f"reached --hours {self.options.hours:g}"
+        return ""
+
+    def context(self) -> ResearchContext:
+        commit, metric = self.champion()
+        assert commit is not None
+        files = {p: (self.git.show(commit, p) or b"").decode("utf-8", errors="replace")
+                 for p in self.git.ls_files(commit) if matches(p, self.config.editable)}
+        program = self.lab.root / "program.md"
+        history = self.ledger.experiments(self.tag)
+        failures = [e for e in history if e.status in ("crash", "timeout")]
+        return ResearchContext(
+            program=program.read_text(encoding="utf-8") if program.is_file() else "",
+            files=files, history=history, champion_commit=commit, champion_metric=metric,
+            metric_name=self.config.metric.name, direction=self.config.metric.direction, budget=self.budget,
+            last_failure=failures[-1] if failures and failures[-1] is history[-1] else None,
+        )
+
+    def _one_experiment(self) -> None:
+        self.view.proposing()
+        t0 = time.monotonic()
+        context = self.context()
+        try:
+            proposal = self.agent.propose(context)
+        except AgentError as exc:
+            self.stop_reason = f"the agent failed: {exc}"
+            return
+        propose_seconds = time.monotonic() - t0
+        if proposal is None:
+            self.stop_reason = "the agent has nothing more to propose"
+            return
+        champion = context.champion_commit
+        self.wt.reset_to(champion)
+        reason = self._apply(proposal)
+        patch = self.wt.diff_head()
+        changed = self.wt.run("diff", "--cached", "--name-only", "HEAD").splitlines()
+        if reason is None:
+            tried = {patch_hash(e.patch) for e in context.history if e.parent_commit == champion and e.patch}
+            reason = check_change(self.worktree, changed, self.config.editable, self._frozen(), tried, patch)
+        commit = self.wt.commit_staged(_message(proposal)) if patch.strip() else None
+        eid = self.ledger.add(
+            run_id=self.run_id, tag=self.tag, kind="experiment", parent_commit=champion, commit_sha=commit,
+            agent=self.agent.name, description=proposal.description, rationale=proposal.rationale,
+            patch=patch, lines_changed=lines_changed(patch), meta=proposal.meta,
+            propose_seconds=propose_seconds, status="invalid" if reason else "running", reason=reason,
+            champion_metric=context.champion_metric, finished_at=time.time() if reason else None,
+        )
+        if commit:
+            self.git.update_ref(EXPERIMENT_REF.format(id=eid), commit)
+        if reason:
+            e = self.ledger.get(eid)
+            self.view.finished(e, context.champion_metric)
+            self._export()
+            return
+        self._execute(eid)
+
+    def _apply(self, proposal: Proposal) -> str | None:
+        """Put the proposal into the worktree; the reason when it cannot be applied."""
+        if proposal.patch is not None:
+            error = self.wt.apply(proposal.patch)
+            return f"patch does not apply: {error.splitlines()[0]}" if error else None
+        root = self.worktree.resolve()
+        for path, content in proposal.files.items():
+            target = (root / path).resolve()
+            if root not in target.parents:
+                return f"path {path} is outside the lab"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+        return None
+
+    def _execute(self, eid: int) -> Experiment:
+        """Run experiment `eid` (already committed) and judge it. Resumable: a row that already has
+        its outcome is only judged; one without is run (again)."""
+        e = self.ledger.get(eid)
+        if e.outcome is None:
+            assert e.commit_sha is not None
+            self.wt.reset_to(e.commit_sha)
+            log = self.logs / f"{eid:05d}.log"
+            if log.exists():  # an interrupted attempt: keep its log beside the new one
+                log.rename(log.with_name(f"{log.name}.interrupted-{int(time.time())}"))
+            self.ledger.update(eid, status="running", started_at=time.time(), log_path=str(log))
+            e = self.ledger.get(eid)
+            limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
+            self.view.started(e, limit)
+            spec = runner_mod.RunSpec(
+                command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
+                startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
+                env=dict(os.environ), extra_env={"AUTORESEARCH_BUDGET": f"{self.budget:g}"},
+                secret_patterns=self.config.secret_env, log_cap_bytes=int(self.config.log_cap_mb * 2**20),
+                memory_limit_bytes=int(self.config.memory_limit_gb * 2**30) if self.config.memory_limit_gb else None,
+                on_start=lambda pid, pgid: self.ledger.update(eid, pid=pid, pgid=pgid),
+                on_tick=self.view.tick, python=sys.executable,
+            )
+            try:
+                result = runner_mod.run_experiment(spec)
+            except KeyboardInterrupt:
+                self.ledger.update(eid, status="killed", outcome="killed", reason="abandoned: stopped by Ctrl-C",
+                                   finished_at=time.time())
+                self.view.finished(self.ledger.get(eid), self.champion()[1])
+                raise
+            metric = self._metric(result)
+            memory = result.summary.get("peak_vram_mb")
+            self.ledger.update(
+                eid, outcome=result.outcome, run_seconds=result.wall_seconds, summary=result.summary,
+                metric=metric, memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024),
+                reason=result.error,
+            )
+            e = self.ledger.get(eid)
+        return self._judge(e)
+
+    def _metric(self, result: runner_mod.RunResult) -> float | None:
+        name = self.config.metric.name
+        if self.config.metric.json_file:
+            import json
+
+            try:
+                data = json.loads((self.worktree / self.config.metric.json_file).read_text(encoding="utf-8"))
+                value = data[name]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        else:
+            value = result.summary.get(name)
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        return number if math.isfinite(number) else None
+
+    def _judge(self, e: Experiment) -> Experiment:
+        commit, champion_metric = self.champion()
+        status, reason = "discard", e.reason
+        if e.outcome != "ok":
+            status = CRASH_STATUS.get(e.outcome or "crash", "crash")
+        elif e.metric is None:
+            status, reason = "crash", f"the run printed no {self.config.metric.name}"
+        elif e.kind == "baseline":
+            status, reason = "keep", "baseline"
+        else:
+            assert champion_metric is not None
+            decision = self.judge.decide(e.metric, champion_metric, self.config.metric.direction)
+            status, reason = ("keep" if decision.keep else "discard"), decision.reason
+        self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric,
+                           finished_at=time.time())
+        e = self.ledger.get(e.id)
+        if status == "keep" and e.kind != "baseline":
+            self._advance(commit, e.commit_sha)
+        self.view.finished(e, champion_metric)
+        self._export()
+        return e
+
+    def _advance(self, old: str | None, new: str | None) -> None:
+        assert new is not None
+        current = self.git.resolve(self.branch)
+        if current is not None and old is not None and current != old:
+            raise LoopError(f"branch autoresearch/{self.tag} was moved outside autoresearch",
+                            "reset it to the champion or start a new --tag")
+        self.git.update_ref(self.branch, new, current)
+        if self.git.current_branch() == self.branch and old:
+            # The person has the run's branch checked out: bring its files along, but only where they
+            # have not edited them (read-tree refuses to overwrite local changes).
+            self.git.run("read-tree", "-m", "-u", old, new, check=False)
+
+    def _export(self) -> None:
+        self.ledger.export_tsv(self.lab.root / "results.tsv", self.tag)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.view.message("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again abandons it)")
+
+
+def _message(proposal: Proposal) -> str:
+    body = f"\n\n{proposal.rationale}" if proposal.rationale else ""
+    return f"{proposal.description}{body}"
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,111 @@
+"""Status rows, progress.png and report.md, all computed from the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .ledger import Experiment
+
+
+def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
+    """One dict per experiment; `delta` is against the champion of its time (negative = lower)."""
+    rows = []
+    for e in experiments:
+        delta = None
+        if e.metric is not None and e.champion_metric is not None and e.kind != "baseline":
+            delta = e.metric - e.champion_metric
+        rows.append({
+            "id": e.id, "kind": e.kind, "commit": e.short_commit if e.commit_sha else "", "metric": e.metric,
+            "delta": delta, "status": e.status, "reason": e.reason, "seconds": e.run_seconds,
+            "description": e.description, "rationale": e.rationale, "lines_changed": e.lines_changed,
+            "memory_gb": e.memory_gb, "agent": e.agent, "parent_commit": e.parent_commit[:7],
+            "summary": e.summary,
+        })
+    return rows
+
+
+def running_best(experiments: list[Experiment], direction: str) -> list[tuple[int, float]]:
+    """(experiment number, champion metric) after each kept experiment."""
+    points = []
+    for i, e in enumerate(experiments):
+        if e.status == "keep" and e.metric is not None:
+            points.append((i, e.metric))
+    return points
+
+
+def plot_progress(experiments: list[Experiment], path: Path, metric: str, direction: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    measured = [(i, e) for i, e in enumerate(experiments) if e.metric is not None]
+    discarded = [(i, e.metric) for i, e in measured if e.status != "keep"]
+    kept = [(i, e.metric) for i, e in measured if e.status == "keep"]
+    if discarded:
+        ax.scatter(*zip(*discarded), s=18, color="#b0b0b0", label="discarded", zorder=2)
+    if kept:
+        ax.scatter(*zip(*kept), s=36, color="#2ca02c", label="kept", zorder=3)
+        steps_x, steps_y = [], []
+        for (i, y) in kept:
+            steps_x.append(i)
+            steps_y.append(y)
+        steps_x.append(len(experiments) - 1)
+        steps_y.append(steps_y[-1])
+        ax.step(steps_x, steps_y, where="post", color="#2ca02c", linewidth=1.5, label="champion", zorder=1)
+        for i, y in kept[1:]:
+            ax.annotate(experiments[i].description[:40], (i, y), textcoords="offset points", xytext=(4, 6),
+                        fontsize=7, color="#2c6e2c", rotation=20)
+    failed = [i for i, e in enumerate(experiments) if e.metric is None and e.status not in ("running", "pending")]
+    if failed and measured:
+        low = min(e.metric for _, e in measured if e.metric is not None)
+        ax.scatter(failed, [low] * len(failed), marker="x", color="#d62728", s=20, label="crash/invalid", zorder=2)
+    ax.set_xlabel("experiment")
+    ax.set_ylabel(f"{metric} ({'lower' if direction == 'min' else 'higher'} is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(experiments: list[Experiment], out: Path, metric: str, direction: str, tag: str) -> tuple[Path, Path]:
+    """Write progress.png and report.md into `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    png, md = out / "progress.png", out / "report.md"
+    done = [e for e in experiments if e.status not in ("pending", "running")]
+    plot_progress(done, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments")
+    kept = [e for e in done if e.status == "keep"]
+    counts: dict[str, int] = {}
+    for e in done:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    lines = [f"# autoresearch run `{tag}`", ""]
+    if kept:
+        base, best = kept[0], kept[-1]
+        assert base.metric is not None and best.metric is not None
+        lines += [f"- baseline {metric}: {base.metric:.6f}", f"- champion {metric}: {best.metric:.6f} "
+                  f"({best.metric - base.metric:+.6f}) at `{best.short_commit}`"]
+    lines += ["- experiments: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), "",
+              "![progress](progress.png)", "", "| # | commit | metric | delta | status | seconds | description |",
+              "|---:|---|---:|---:|---|---:|---|"]
+    for r in status_rows(done):
+        metric_s = "" if r["metric"] is None else f"{r['metric']:.6f}"
+        delta_s = "" if r["delta"] is None else f"{r['delta']:+.6f}"
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        desc = r["description"].replace("|", "\\|")
+        if r["reason"] and r["status"] not in ("keep", "discard"):
+            desc += f" ({r['reason'].replace('|', '/')})"
+        lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {r['status']} | {secs} | {desc} |")
+    changes = [e for e in kept if e.kind != "baseline"]
+    if changes:
+        lines += ["", "## Kept changes", ""]
+        for e in changes:
+            lines += [f"### #{e.id} {e.description}", ""]
+            if e.rationale:
+                lines += [e.rationale, ""]
+            lines += ["```diff", (e.patch or "").rstrip(), "```", ""]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return png, md

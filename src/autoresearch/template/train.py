@@ -1,0 +1,589 @@
+"""
+Pretrain a small GPT on one device for a fixed wall-clock budget, then report val_bpb.
+
+Usage (inside a lab, after `autoresearch prepare`):
+
+    python train.py
+
+This is the file experiments change: model, optimizer, hyperparameters, training loop. The data,
+the tokenizer, the time budget and the metric live in prepare.py, which no experiment may touch.
+The summary block printed at the end (`---`, then `key: value` lines) is read by the tools.
+Runs on CUDA (FlashAttention-3 on Hopper when installed, else PyTorch SDPA), Apple MPS and CPU.
+"""
+
+import time
+
+T_START = time.time()  # before `import torch` (~1-2 s), so startup_seconds is honest
+
+import gc
+import math
+import resource
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, get_token_bytes  # noqa: F401
+from prepare import detect_device, peak_flops
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 8192
+    n_layer: int = 8
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 512
+    window_pattern: str = "SSSL"
+    softcap: float = 15.0
+    loss_chunk: int = 0  # rows of logits per chunk in the fused loss; 0 = plain loss over all logits
+
+
+def norm(x):
+    # RMSNorm without a learnable gain: the per-layer scalars below do the scaling
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embedding(layer_idx, n_layer):
+    # value embeddings on every other layer, always including the last one
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, T, H, D); rotate the two halves of each head (RoFormer, arxiv 2104.09864)
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def load_flash_attention_3():
+    # FA3 only helps on Hopper (sm90); `pip install flash-attn-3` provides flash_attn_interface
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+FLASH_ATTN_3 = load_flash_attention_3()
+_MASKS = {}
+
+
+def window_mask(T, window, device):
+    # True where query i may attend to key j: causal (j <= i) and within the window (i - j < window)
+    key = (T, window, str(device))
+    if key not in _MASKS:
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(T, device=device)[None, :]
+        _MASKS[key] = (j <= i) & (i - j < window)
+    return _MASKS[key]
+
+
+def attention(q, k, v, window):
+    # q, k, v: (B, T, H, D). A query sees `window` tokens, itself included.
+    T = q.size(1)
+    if FLASH_ATTN_3 is not None and q.is_cuda:
+        out = FLASH_ATTN_3(q, k, v, causal=True, window_size=(window - 1, 0))
+        return out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
+    if k.size(2) != q.size(2):  # grouped-query attention: share each k/v head among q heads
+        k = k.repeat_interleave(q.size(2) // k.size(2), dim=2)
+        v = v.repeat_interleave(q.size(2) // v.size(2), dim=2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if window >= T:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ve_gate_channels = min(32, config.n_embd)
+        self.ve_gate = None
+        if has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
+
+    def forward(self, x, ve, cos, sin, window):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # value embedding mixed in by an input-dependent gate in (0, 2), 1 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
+        q = norm(apply_rotary(q, cos, sin))  # QK-norm keeps attention logits bounded
+        k = norm(apply_rotary(k, cos, sin))
+        y = attention(q, k, v, window).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2 (Primer, arxiv 2109.08668)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
+        return x + self.mlp(norm(x))
+
+
+def chunked_loss(h, w, targets, softcap, chunk):
+    """Per-token cross-entropy of softcapped logits h @ w.T, `chunk` rows at a time, no gradients.
+    h: (N, d), targets: (N,) with -1 = ignore. At most chunk x vocab fp32 logits exist at once."""
+    losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+    for s in range(0, h.size(0), chunk):
+        z = softcap * torch.tanh((h[s : s + chunk] @ w.t()).float() / softcap)
+        losses[s : s + chunk] = F.cross_entropy(z, targets[s : s + chunk], ignore_index=-1, reduction="none")
+    return losses
+
+
+class FusedSoftcapCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of softcapped logits, and its gradients, computed chunk by chunk.
+
+    The plain loss materialises B*T x vocab fp32 logits (134 MB at 8192 x 4096) and walks them
+    ~10 times forward and backward; on 2 CPU cores that was 17% of a step. Here each chunk of
+    logits stays in cache: forward computes the loss and d(loss)/d(logits) at once, folds the
+    latter into the gradients of h and w, and backward only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, softcap, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for s in range(0, h.size(0), chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            t = torch.tanh((hc @ w.t()).float() / softcap)
+            z = softcap * t
+            lse = torch.logsumexp(z, dim=-1)
+            valid = tc >= 0
+            tc = tc.clamp(min=0)
+            loss += ((lse - z.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
+            # d loss / d logits = (softmax(z) - onehot(target)) * (1 - tanh^2), zero on ignored rows
+            g = torch.exp(z.sub_(lse[:, None]))
+            g.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+            g.mul_(1 - t.square_()).mul_(valid[:, None])
+            g = g.to(h.dtype)
+            grad_h[s : s + chunk] = g @ w
+            grad_w += g.t() @ hc
+        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.window_sizes = self.compute_window_sizes(config)
+        head_dim = config.n_embd // config.n_head
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))  # scales the residual stream
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))  # mixes the embedding back in
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.n_kv_head * head_dim)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+        })
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(config.sequence_len).float(), inv_freq)[None, :, None, :]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    @staticmethod
+    def compute_window_sizes(config):
+        pattern = config.window_pattern.upper()
+        assert pattern and set(pattern) <= set("SL"), f"WINDOW_PATTERN must be S/L letters, got {pattern!r}"
+        sizes = {"L": config.sequence_len, "S": config.sequence_len // 2}
+        windows = [sizes[pattern[i % len(pattern)]] for i in range(config.n_layer)]
+        windows[-1] = config.sequence_len  # the last layer always sees the whole context
+        return windows
+
+    @torch.no_grad()
+    def init_weights(self):
+        s = 3**0.5 * self.config.n_embd**-0.5  # uniform(-s, s) has the std of normal(0, 1/sqrt(d))
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)  # each block starts as the identity
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        # FLOPs per token of forward + backward: 6 per weight of every matmul (embedding lookups
+        # are not matmuls), plus attention's QK^T and AV counted over each layer's full window
+        # (the usual convention, although a causal mask halves the real work)
+        embeddings = self.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        matmul_params = self.num_params() - embeddings - scalars
+        attn = sum(12 * self.config.n_embd * min(w, self.config.sequence_len) for w in self.window_sizes)
+        return 6 * matmul_params + attn
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        B, T = idx.shape
+        assert T <= self.config.sequence_len, f"sequence of {T} tokens exceeds {self.config.sequence_len}"
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if dtype is not None:  # rotary tables in fp32 would promote bf16 q and k back to fp32
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        x = norm(self.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i])
+        x = norm(x)
+        softcap, chunk = self.config.softcap, self.config.loss_chunk
+        if targets is None:
+            return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+        h, t = x.reshape(B * T, -1), targets.reshape(B * T)
+        if chunk:
+            w = self.lm_head.weight
+            if dtype is not None:
+                h, w = h.to(dtype), w.to(dtype)
+            if reduction == "none" or not torch.is_grad_enabled():
+                losses = chunked_loss(h, w, t, softcap, chunk)
+                return losses if reduction == "none" else losses.sum() / (t >= 0).sum().clamp(min=1)
+            total = FusedSoftcapCrossEntropy.apply(h, w, t, softcap, chunk)
+            return total / (t >= 0).sum().clamp(min=1) if reduction == "mean" else total
+        logits = softcap * torch.tanh(self.lm_head(h).float() / softcap)
+        return F.cross_entropy(logits, t, ignore_index=-1, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: Muon for the blocks' matrices, AdamW for everything else
+# ---------------------------------------------------------------------------
+
+# Polar Express coefficients (Amsel, Persson, Musco, Gower 2025, arxiv 2505.16932): one
+# (a, b, c) per iteration of X <- a X + b (X X^T) X + c (X X^T)^2 X, for 5 iterations
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def orthogonalize(g):
+    # approximately U V^T of g = U S V^T, batched over the leading dim; in bf16, which the
+    # iteration tolerates and which runs 4x faster than fp32 on CPUs with AVX512-BF16
+    x = g.bfloat16()
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the wide orientation: the Gram matrix is the smaller one
+    for a, b, c in POLAR_EXPRESS:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+def muon_step(params, grads, state, lr, momentum, weight_decay, beta2):
+    # Muon (Jordan et al. 2024) with Nesterov momentum, NorMuon's per-neuron second moment
+    # (arxiv 2510.05491) and cautious weight decay (only where update and weight agree in sign)
+    g = grads
+    state["momentum"].lerp_(g, 1 - momentum)
+    g = g.lerp(state["momentum"], momentum)
+    u = orthogonalize(g).float()
+    red_dim = -1 if u.size(-2) >= u.size(-1) else -2
+    v_mean = u.square().mean(dim=red_dim, keepdim=True)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * u.size(red_dim)).sqrt()
+    state["second"].lerp_(v_mean, 1 - beta2)
+    scale = state["second"].clamp(min=1e-10).rsqrt()
+    new_norm = (v_mean * u.size(red_dim) * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    u = u * (scale * v_norm / new_norm.clamp(min=1e-10))  # same overall size, rescaled per neuron
+    decay = (u * params > 0) * params
+    params.sub_(lr * (u + weight_decay * decay))
+
+
+def adamw_step(param, grad, state, lr, betas, eps, weight_decay):
+    state["step"] += 1
+    param.mul_(1 - lr * weight_decay)
+    state["m"].lerp_(grad, 1 - betas[0])
+    state["v"].lerp_(grad.square(), 1 - betas[1])
+    m_hat = state["m"] / (1 - betas[0] ** state["step"])
+    v_hat = state["v"] / (1 - betas[1] ** state["step"])
+    param.addcdiv_(m_hat, v_hat.sqrt_().add_(eps), value=-lr)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer, two kinds of group: 'muon' groups hold same-shaped matrices that are
+    updated stacked (one batched orthogonalisation per shape), 'adamw' groups anything else."""
+
+    def __init__(self, groups):
+        super().__init__(groups, defaults={})
+        for group in self.param_groups:
+            group["initial_lr"] = group["lr"]
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["kind"] == "adamw":
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    adamw_step(p, p.grad, state, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+                continue
+            stacked = torch.stack(params)
+            state = self.state[params[0]]
+            if not state:
+                rows, cols = stacked.shape[-2:]
+                shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+                state.update(momentum=torch.zeros_like(stacked), second=stacked.new_zeros(shape))
+            lr = group["lr"] * max(1.0, stacked.size(-2) / stacked.size(-1)) ** 0.5
+            muon_step(stacked, torch.stack([p.grad for p in params]), state, lr,
+                      group["momentum"], group["weight_decay"], group["beta2"])
+            torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+
+def build_optimizer(model, model_dim):
+    scale = (model_dim / 768) ** -0.5  # Adam LRs were tuned at width 768; scale as 1/sqrt(width)
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    by_shape = {}
+    for p in matrices:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    adam = dict(kind="adamw", betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
+    groups = [
+        dict(adam, params=[model.lm_head.weight], lr=UNEMBEDDING_LR * scale),
+        dict(adam, params=[model.wte.weight, *model.value_embeds.parameters()], lr=EMBEDDING_LR * scale),
+        dict(adam, params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
+        dict(adam, params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
+    ]
+    for shape in sorted(by_shape):
+        groups.append(dict(kind="muon", params=by_shape[shape], lr=MATRIX_LR, momentum=MUON_MOMENTUM[1],
+                           weight_decay=WEIGHT_DECAY, beta2=0.95))
+    n_grouped = sum(len(g["params"]) for g in groups)
+    assert n_grouped == len(list(model.parameters())), "every parameter needs exactly one group"
+    return MuonAdamW(groups)
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these in place; literal values only)
+# ---------------------------------------------------------------------------
+
+# model shape
+DEPTH = 8                      # number of transformer layers
+ASPECT_RATIO = 64              # model_dim = DEPTH * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM
+HEAD_DIM = 128                 # channels per attention head
+WINDOW_PATTERN = "SSSL"        # attention window per layer, repeated: L = full context, S = half
+# batch
+TOTAL_BATCH_SIZE = 524288      # tokens per optimizer step (2**19); gradient accumulation fills it
+DEVICE_BATCH_SIZE = 128        # sequences per forward/backward pass
+# optimizer
+EMBEDDING_LR = 0.6             # AdamW, token and value embeddings (x (dim/768)^-0.5)
+UNEMBEDDING_LR = 0.004         # AdamW, lm_head (x (dim/768)^-0.5)
+MATRIX_LR = 0.04               # Muon, the blocks' matrices
+SCALAR_LR = 0.5                # AdamW, per-layer x0 mixing (resid scalars get 1% of it)
+WEIGHT_DECAY = 0.2             # Muon's cautious weight decay, decays linearly to 0 over the run
+ADAM_BETAS = (0.8, 0.95)       # AdamW (beta1, beta2)
+MUON_MOMENTUM = (0.85, 0.95)   # Muon momentum ramps from the first to the second value ...
+MUON_WARMUP_RATIO = 0.3        # ... over this fraction of the time budget
+# schedule (progress = training seconds / TIME_BUDGET)
+WARMUP_RATIO = 0.0             # fraction of the budget spent ramping LRs up from 0
+WARMDOWN_RATIO = 0.5           # fraction of the budget spent decaying LRs at the end
+FINAL_LR_FRAC = 0.0            # LR at the end, as a fraction of the peak
+# numerics and speed
+SOFTCAP = 15.0                 # logits = SOFTCAP * tanh(logits / SOFTCAP)
+LOSS_CHUNK = 1024              # logit rows per chunk of the fused loss off CUDA; 0 = plain loss
+CPU_BF16 = True                # bf16 autocast on CPU: see the setup section for the measurement
+COMPILE = True                 # torch.compile the model on CUDA (never elsewhere: see setup)
+
+# ---------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------
+
+
+def lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO
+    if progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    cooldown = (1.0 - progress) / WARMDOWN_RATIO
+    return cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
+
+
+def muon_momentum(progress):
+    frac = min(progress / MUON_WARMUP_RATIO, 1.0) if MUON_WARMUP_RATIO > 0 else 1.0
+    return (1 - frac) * MUON_MOMENTUM[0] + frac * MUON_MOMENTUM[1]
+
+
+def check_loss(loss):
+    # fast fail: a NaN or exploding loss never recovers, so stop now and say so
+    if math.isnan(loss) or loss > 100:
+        print("FAIL")
+        sys.exit(1)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**2
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1024**2  # no peak counter: the driver's total at the end
+    # CPU: the process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(42)
+    device = detect_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast: always on CUDA; on CPU with AVX512-BF16 (Zen 4+, Sapphire Rapids+) a bf16
+    # matmul runs ~4x faster than fp32 (810 vs 190 GFLOP/s on 2 Zen 5 cores) and a whole training
+    # step ~2x faster; set CPU_BF16 = False on CPUs without bf16 instructions, where it is slower
+    use_bf16 = device.type in ("cuda", "mps") or (device.type == "cpu" and CPU_BF16)
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    tokenizer = Tokenizer.from_directory()
+    vocab_size = tokenizer.get_vocab_size()
+    model_dim = -(-DEPTH * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
+    config = GPTConfig(
+        sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
+        n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
+        softcap=SOFTCAP, loss_chunk=0 if device.type == "cuda" else LOSS_CHUNK,
+    )
+    with torch.device(device):
+        model = GPT(config)
+    model.init_weights()
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    assert TOTAL_BATCH_SIZE % tokens_per_pass == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_pass
+    optimizer = build_optimizer(model, model_dim)
+    # torch.compile pays on CUDA (~1 min of compiling, repaid within a 5-minute budget). On CPU it
+    # does not: the budget is wall clock measured from outside, and compiling this model on 2
+    # cores takes longer than it saves in a 60-second run. No dropout or batch norm, so train and
+    # eval modes compute the same thing and the compiled model also serves the evaluation.
+    if COMPILE and device.type == "cuda":
+        model = torch.compile(model, dynamic=False)
+    peak = peak_flops(device, compute_dtype)  # measured once per machine on CPU and MPS, then cached
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
+    x, y, epoch = next(train_loader)
+    print(f"model: {num_params / 1e6:.2f}M params, {DEPTH} layers, dim {model_dim}, {config.n_head} heads, "
+          f"windows {GPT.compute_window_sizes(config)}")
+    print(f"batch: {TOTAL_BATCH_SIZE} tokens = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}, "
+          f"{flops_per_token / 1e6:.1f} MFLOP/token, peak {peak / 1e12:.3f} TFLOP/s ({compute_dtype}, {device})")
+    print(f"startup: {time.time() - T_START:.1f}s, budget {TIME_BUDGET:.0f}s", flush=True)
+
+    # ---------------------------------------------------------------------------
+    # Training loop
+    # ---------------------------------------------------------------------------
+
+    t_train = time.time()  # every step counts, the first (slow) ones included
+    training_time, step, smooth_loss, last_print = 0.0, 0, 0.0, 0.0
+    while True:
+        for _ in range(grad_accum_steps):
+            with autocast:
+                loss = model(x, y)
+            (loss / grad_accum_steps).backward()
+            x, y, epoch = next(train_loader)
+        progress = min(training_time / TIME_BUDGET, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier(progress)
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(progress)
+                group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item()  # the one device sync per step
+        check_loss(train_loss)
+        training_time = time.time() - t_train
+        step += 1
+        if step == 1:
+            # nothing here makes reference cycles, and a full collection costs ~0.5 s: freeze the
+            # heap built so far and turn the collector off
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        done = training_time >= TIME_BUDGET
+        if done or time.time() - last_print >= 2.0:
+            last_print = time.time()
+            loss_shown = smooth_loss / (1 - 0.9**step)  # debiased EMA
+            tok_s = step * TOTAL_BATCH_SIZE / training_time
+            print(f"step {step:05d} | {100 * progress:5.1f}% | loss {loss_shown:.4f} | "
+                  f"{tok_s / 1e3:.1f}k tok/s | mfu {100 * flops_per_token * tok_s / peak:.1f}% | "
+                  f"epoch {epoch} | {max(TIME_BUDGET - training_time, 0):.0f}s left", flush=True)
+        if done:
+            break
+
+    # ---------------------------------------------------------------------------
+    # Evaluation and summary
+    # ---------------------------------------------------------------------------
+
+    with autocast:
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    total_tokens = step * TOTAL_BATCH_SIZE
+    mfu = 100 * flops_per_token * total_tokens / training_time / peak
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {training_time:.1f}")
+    print(f"total_seconds:    {time.time() - T_START:.1f}")
+    print(f"peak_vram_mb:     {peak_memory_mb(device):.1f}")  # CPU: peak RSS of this process
+    print(f"mfu_percent:      {mfu:.2f}")
+    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"depth:            {DEPTH}")

@@ -1,0 +1,145 @@
+"""What the person watching sees: a live terminal view, or plain lines when output is not a terminal."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Protocol
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .ledger import Experiment
+
+STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "yellow",
+                "killed": "magenta", "running": "cyan"}
+
+
+class View(Protocol):
+    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None: ...
+    def proposing(self) -> None: ...
+    def started(self, e: Experiment, limit: float) -> None: ...
+    def tick(self, elapsed: float) -> None: ...
+    def finished(self, e: Experiment, champion: float | None) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self, reason: str) -> None: ...
+
+
+def fmt_metric(value: float | None) -> str:
+    return "—" if value is None else f"{value:.6f}"
+
+
+def fmt_delta(e: Experiment) -> str:
+    if e.metric is None or e.champion_metric is None or e.kind == "baseline":
+        return ""
+    return f"{e.metric - e.champion_metric:+.6f}"
+
+
+def result_line(e: Experiment) -> str:
+    """One line per finished experiment, as the plain view and the logs show it."""
+    seconds = f"{e.run_seconds:.0f}s" if e.run_seconds is not None else "-"
+    extra = f"  ({e.reason})" if e.reason and e.status not in ("keep", "discard") else ""
+    return (f"#{e.id:<4} {e.status:<8} {fmt_metric(e.metric):>10} {fmt_delta(e):>10} {seconds:>6}  "
+            f"{e.description}{extra}")
+
+
+class PlainView:
+    """A line per event: for logs, CI and terminals without live display."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(highlight=False, soft_wrap=True)
+
+    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None:
+        self.console.print(f"lab {lab}  run {tag}  agent {agent}  budget {budget:g}s  champion {fmt_metric(champion)}")
+
+    def proposing(self) -> None:
+        pass
+
+    def started(self, e: Experiment, limit: float) -> None:
+        self.console.print(f"#{e.id:<4} running  {e.description}")
+
+    def tick(self, elapsed: float) -> None:
+        pass
+
+    def finished(self, e: Experiment, champion: float | None) -> None:
+        self.console.print(result_line(e))
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def stop(self, reason: str) -> None:
+        self.console.print(f"stopped: {reason}")
+
+
+class LiveView(PlainView):
+    """A live panel: the current experiment with a progress bar over its time limit, the last
+    results, and the champion."""
+
+    def __init__(self, console: Console | None = None, rows: int = 8) -> None:
+        super().__init__(console)
+        self.recent: deque[Experiment] = deque(maxlen=rows)
+        self.header = ""
+        self.champion: float | None = None
+        self.current = "waiting for the agent"
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 TextColumn("/ {task.total:.0f}s"), console=self.console)
+        self.task = self.progress.add_task("", total=1, visible=False)
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+        self._last = 0.0
+
+    def _render(self) -> Group:
+        table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+        for name, justify in (("#", "right"), ("status", "left"), ("metric", "right"), ("delta", "right"),
+                              ("time", "right"), ("description", "left")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for e in self.recent:
+            seconds = f"{e.run_seconds:.0f}s" if e.run_seconds is not None else ""
+            table.add_row(str(e.id), Text(e.status, style=STATUS_STYLE.get(e.status, "")), fmt_metric(e.metric),
+                          fmt_delta(e), seconds, e.description[:70])
+        head = Text(f"{self.header}   champion {fmt_metric(self.champion)}", style="bold")
+        return Group(head, Text(self.current), self.progress, table)
+
+    def _refresh(self) -> None:
+        self.live.update(self._render())
+
+    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None:
+        self.header = f"lab {lab} · run {tag} · agent {agent} · budget {budget:g}s"
+        self.champion = champion
+        self.live.start()
+        self._refresh()
+
+    def proposing(self) -> None:
+        self.current = "the agent is proposing the next change…"
+        self.progress.update(self.task, visible=False)
+        self._refresh()
+
+    def started(self, e: Experiment, limit: float) -> None:
+        self.current = f"#{e.id} {e.description}"
+        self.progress.reset(self.task, total=limit, description="running", visible=True)
+        self._refresh()
+
+    def tick(self, elapsed: float) -> None:
+        now = time.monotonic()
+        if now - self._last >= 0.25:
+            self._last = now
+            self.progress.update(self.task, completed=elapsed)
+            self._refresh()
+
+    def finished(self, e: Experiment, champion: float | None) -> None:
+        self.recent.append(e)
+        if e.status == "keep":
+            self.champion = e.metric
+        self.progress.update(self.task, visible=False)
+        self.current = f"#{e.id} {e.status}: {e.description}"
+        self._refresh()
+
+    def message(self, text: str) -> None:
+        self.live.console.print(text)
+
+    def stop(self, reason: str) -> None:
+        self.current = f"stopped: {reason}"
+        self._refresh()
+        self.live.stop()

@@ -1,0 +1,135 @@
+"""The command line: help reads well, and every expected failure is one line that says what to do."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from autoresearch.cli import main
+from conftest import run_cli
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("init", "prepare", "train"):
+        assert word in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: autoresearch" in capsys.readouterr().out
+
+
+def test_init_makes_a_committed_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lab = tmp_path / "mylab"
+    assert main(["init", str(lab), "--preset", "tiny", "--budget", "7"]) == 0
+    for name in ("prepare.py", "train.py", "program.md", "autoresearch.toml", ".gitignore"):
+        assert (lab / name).is_file(), name
+    assert ".autoresearch/" in (lab / ".gitignore").read_text()
+    toml = (lab / "autoresearch.toml").read_text()
+    assert "budget = 7" in toml and 'preset = "tiny"' in toml and 'dataset = "sotu"' in toml
+    assert "DEPTH = 2" in (lab / "train.py").read_text()  # the tiny preset's value was written in
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=lab, capture_output=True, text=True)
+    assert status.stdout == ""  # everything committed
+    log = subprocess.run(["git", "log", "--oneline"], cwd=lab, capture_output=True, text=True).stdout
+    assert len(log.strip().splitlines()) == 1
+    assert "Next: cd" in capsys.readouterr().out
+
+
+def test_init_inside_another_repo_gets_its_own(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 0
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tmp_path / "lab", capture_output=True, text=True)
+    assert Path(top.stdout.strip()) == (tmp_path / "lab").resolve()
+    outer = subprocess.run(["git", "log"], cwd=tmp_path, capture_output=True, text=True)
+    assert outer.returncode != 0  # the outer repository got no commit
+
+
+def test_init_refuses_an_existing_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 0
+    capsys.readouterr()
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 1
+    assert "already a lab" in one_line_error(capsys)
+
+
+def test_init_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["init", str(tmp_path), "--preset", "tiny"]) == 1
+    assert "not empty" in one_line_error(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_init_unknown_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--dataset", "wikipedia", "--preset", "tiny"]) == 1
+    assert "wikipedia" in one_line_error(capsys)
+    assert not (tmp_path / "lab").exists()  # nothing half-made
+
+
+def test_init_bad_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny", "--budget", "0"]) == 1
+    assert "--budget" in one_line_error(capsys)
+
+
+def test_unknown_preset_is_rejected_by_the_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["init", str(tmp_path / "lab"), "--preset", "tpu"])
+    assert info.value.code == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_unknown_preset_in_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoresearch.errors import UnknownPreset
+    from autoresearch.presets import get_preset
+
+    with pytest.raises(UnknownPreset, match="choose one of: auto, cuda, mps, cpu, tiny"):
+        get_preset("tpu")
+
+
+@pytest.mark.parametrize("command", [["prepare"], ["train"]])
+def test_outside_a_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                       command: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 1
+    err = one_line_error(capsys)
+    assert "not inside a lab" in err and "autoresearch init" in err
+
+
+def test_broken_toml_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 0
+    (tmp_path / "lab" / "autoresearch.toml").write_text("[lab\n")
+    monkeypatch.chdir(tmp_path / "lab")
+    capsys.readouterr()
+    assert main(["prepare"]) == 1
+    assert "not valid TOML" in one_line_error(capsys)
+
+
+def test_debug_reraises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoresearch.errors import NotALab
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotALab):
+        main(["--debug", "train"])
+
+
+def test_train_before_prepare_says_run_prepare(tmp_path: Path) -> None:
+    assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 0
+    proc = run_cli("train", cwd=tmp_path / "lab")
+    assert proc.returncode != 0
+    assert "autoresearch prepare" in proc.stderr
+
+
+def test_module_entry_point_version(tmp_path: Path) -> None:
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("autoresearch ")
