@@ -86,6 +86,7 @@ class Loop:
     def run(self) -> str:
         """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
         self._check_tag()
+        self._lock()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_id = self.ledger.start_run(self.tag, self.agent.name, self._snapshot())
         previous = signal.getsignal(signal.SIGINT)
@@ -137,10 +138,42 @@ class Loop:
                 "startup_allowance": c.startup_allowance, "eval_allowance": c.eval_allowance,
                 "max_experiments": self.options.max_experiments, "hours": self.options.hours}
 
+    def _lock(self) -> None:
+        """One orchestrator per tag: a second `run` on the same tag is refused, not interleaved.
+        The kernel drops the lock when its holder dies, even by kill -9."""
+        import fcntl
+
+        path = self.lab.state_dir / f"run-{self.tag}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(path, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "?"
+            raise LoopError(f"another `autoresearch run` is using tag {self.tag} (pid {holder})",
+                            "wait for it, stop it, or choose another --tag") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+    def _clear_stale_git_locks(self) -> None:
+        """A kill -9 in the middle of a git command leaves its lock file behind. Only locks of the
+        refs and worktree this loop owns are removed; the lock above guarantees nobody else uses them."""
+        common = Path(self.git.run("rev-parse", "--git-common-dir"))
+        common = common if common.is_absolute() else (self.lab.root / common)
+        candidates = [common / "refs" / "heads" / "autoresearch" / f"{self.tag}.lock",
+                      common / "worktrees" / self.tag / "index.lock", common / "worktrees" / self.tag / "HEAD.lock"]
+        candidates += list((common / "refs" / "autoresearch" / "experiments").glob("*.lock"))
+        for lock in candidates:
+            lock.unlink(missing_ok=True)
+
     def _recover(self) -> None:
         """Make git agree with the ledger after any interruption, and end orphaned runs."""
+        self._clear_stale_git_locks()
         for e in self.ledger.unfinished(self.tag):
-            if e.pgid and runner_mod.group_alive(e.pgid):
+            if e.pgid and runner_mod.group_alive(e.pgid) and _group_is_from(e.pgid, e.started_at):
                 self.view.message(f"ending process group {e.pgid} left running by experiment {e.id}")
                 runner_mod.kill_group(e.pgid)
             if e.commit_sha is None:  # recorded but never committed: it never ran
@@ -362,6 +395,22 @@ class Loop:
 def _message(proposal: Proposal) -> str:
     body = f"\n\n{proposal.rationale}" if proposal.rationale else ""
     return f"{proposal.description}{body}"
+
+
+def _group_is_from(pgid: int, started_at: float | None) -> bool:
+    """True when a process of group `pgid` started no earlier than the experiment did: after a reboot
+    the number may belong to an unrelated group, which must not be killed."""
+    import psutil
+
+    if started_at is None:
+        return False
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= started_at - 2:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def _is_main_thread() -> bool:

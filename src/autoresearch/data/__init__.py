@@ -16,11 +16,28 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CacheCorrupt, DataNotPrepared
-from .manifest import (SHARDS_DIR, TOKEN_BYTES_FILE, TOKENIZER_FILE, Manifest, PreparedData, bad_shards,
-                       iter_texts, read_manifest, sha256_file, write_manifest)
+from .manifest import (
+    SHARDS_DIR,
+    TOKEN_BYTES_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    PreparedData,
+    bad_shards,
+    iter_texts,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from .recipes import VALID_SPECS, build_shards, dataset_dir, dataset_key, is_complete, parse_spec
-from .tokenizer import (BOS_TOKEN, SPECIAL_TOKENS, SPLIT_PATTERN, load_encoding, load_token_bytes,
-                        token_byte_lengths, train_tokenizer)
+from .tokenizer import (
+    BOS_TOKEN,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    load_encoding,
+    load_token_bytes,
+    token_byte_lengths,
+    train_tokenizer,
+)
 
 __all__ = [
     "BOS_TOKEN", "SPECIAL_TOKENS", "SPLIT_PATTERN", "VALID_SPECS", "PreparedData", "dataset_dir", "dataset_key",

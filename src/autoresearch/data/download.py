@@ -26,6 +26,7 @@ BASE_DELAY = 2.0  # seconds before the first retry; doubles after every failure
 MAX_DELAY = 60.0  # longest wait between two tries
 TIMEOUT = 60.0  # seconds to connect, and at most between two received blocks
 CHUNK_BYTES = 1 << 20
+PROGRESS_BYTES = 128 << 20  # log progress of a large file every this many bytes
 
 Log = Callable[[str], None]
 Check = Callable[[Path], None]  # raises ValueError when a downloaded file is not what was asked for
@@ -79,7 +80,7 @@ def download(
         if stop is not None and stop.is_set():
             raise _Cancelled()
         try:
-            sha = _fetch(url, tmp, timeout, stop)
+            sha = _fetch(url, tmp, timeout, stop, say)
             if check is not None:
                 check(tmp)
         except (_Retry, requests.RequestException, ValueError, OSError) as exc:
@@ -104,7 +105,7 @@ def download(
     raise DatasetUnreachable(f"could not download {url} after {attempts} attempts: {problem}", hint)
 
 
-def _fetch(url: str, tmp: Path, timeout: float, stop: threading.Event | None) -> str:
+def _fetch(url: str, tmp: Path, timeout: float, stop: threading.Event | None, say: Log) -> str:
     """One try: stream the body into `tmp`, hashing as it arrives."""
     with requests.get(url, stream=True, timeout=timeout) as response:
         status = response.status_code
@@ -125,6 +126,9 @@ def _fetch(url: str, tmp: Path, timeout: float, stop: threading.Event | None) ->
                 handle.write(block)
                 digest.update(block)
                 received += len(block)
+                if received // PROGRESS_BYTES > (received - len(block)) // PROGRESS_BYTES:
+                    total = f" of {int(expected) >> 20}" if expected and not compressed else ""
+                    say(f"{tmp.name[:-4]}: {received >> 20}{total} MiB")
     if expected is not None and not compressed and int(expected) != received:
         raise _Retry(f"connection closed after {received} of {expected} bytes")
     return digest.hexdigest()

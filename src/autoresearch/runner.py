@@ -1,0 +1,426 @@
+"""Run one experiment: a command in its own session, under a wall-clock limit enforced from outside.
+
+The limit (budget + allowances) runs from spawn, so nothing the code under study does buys it time.
+At the limit, and whenever the main process exits, the whole tree is ended: the process group and
+every descendant seen while running (one that called setsid or outlived its parent goes too). Secrets
+are scrubbed from the environment; output goes to a capped log that keeps its head and its tail; the
+outcome is classified from the exit status, the signals and the log. POSIX only (Linux, macOS).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import re
+import resource
+import selectors
+import shlex
+import signal as signals
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from .config import SECRET_PATTERNS
+
+Outcome = Literal["ok", "crash", "timeout", "oom", "nan", "killed"]
+DEFAULT_SECRET_PATTERNS: tuple[str, ...] = SECRET_PATTERNS
+TAIL_LINES, TAIL_BYTES = 50, 8192  # RunResult.tail: at most this many lines and bytes
+_SCAN_BYTES = 65536  # the end of the log searched for exception, out-of-memory and NaN lines
+_CHUNK = 1 << 20  # one read from the pipe; also the most the in-memory tail overshoots its cap
+# Signals a program raises against itself by faulting: its own crash, not someone killing it.
+_FAULTS = {signals.SIGSEGV, signals.SIGBUS, signals.SIGFPE, signals.SIGILL, signals.SIGABRT}
+_OOM = re.compile(r"MemoryError|CUDA out of memory|OutOfMemoryError|MPS backend out of memory"
+                  r"|Cannot allocate memory|std::bad_alloc", re.I)
+_FAIL = re.compile(r"^\s*FAIL\s*$")
+_NAN_LOSS = re.compile(r"(?<![a-z])loss(?:[\s:=]+(?:is|was|became|has become|value|of))*[\s:=]+"
+                       r"(?:nan|[+-]?inf(?:inity)?)\b|\b(?:nan|inf|non-?finite)\s+(?:\w+\s+){0,3}loss\b", re.I)
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit|Iteration)(?::\s.*)?$")
+_KEY_VALUE = re.compile(r"([A-Za-z_][\w.\-/]*)\s*:\s*(.*)$")
+_DASHES = re.compile(rb"^---[ \t\r]*$", re.M)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One experiment to run. Times are in seconds."""
+
+    command: str | Sequence[str]  # a string runs with /bin/sh -c; a sequence is executed directly
+    cwd: Path  # where it runs (the experiment's worktree)
+    log_path: Path  # stdout and stderr, capped at log_cap_bytes
+    budget: float  # training seconds
+    startup_allowance: float = 30.0  # added to the limit: interpreter start, imports, compilation
+    eval_allowance: float = 30.0  # added to the limit: the final evaluation
+    env: Mapping[str, str] | None = None  # base environment (None: os.environ), scrubbed of secrets
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # added after scrubbing
+    secret_patterns: Sequence[str] = DEFAULT_SECRET_PATTERNS  # fnmatch on names, case-insensitive
+    log_cap_bytes: int = 10 * 2**20  # at most this much output is kept: half head, half tail
+    memory_limit_bytes: int | None = None  # RLIMIT_AS for the child
+    on_start: Callable[[int, int], None] | None = None  # (pid, pgid), right after spawn
+    on_tick: Callable[[float], None] | None = None  # seconds since spawn, every tick_seconds
+    python: str = sys.executable  # replaces a leading `python` word of the command
+    grace_seconds: float = 3.0  # between SIGTERM and SIGKILL
+    tick_seconds: float = 0.5
+    sample_seconds: float = 0.25  # how often the tree's memory is sampled
+
+    @property
+    def limit(self) -> float:
+        """The wall-clock limit, measured from spawn."""
+        return self.budget + self.startup_allowance + self.eval_allowance
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened. `error` is one line, None when the outcome is ok."""
+
+    outcome: Outcome
+    exit_code: int | None  # None when it never started or died by a signal
+    signal: int | None  # the signal it died by
+    error: str | None
+    wall_seconds: float  # spawn to exit
+    peak_rss_mb: float  # the largest summed RSS of the process tree seen
+    log_path: Path
+    log_bytes: int  # everything the process wrote, dropped bytes included
+    log_truncated: bool
+    tail: str  # the last lines of the output
+    summary: dict[str, float | str]  # the `key: value` lines after the last `---` line
+
+
+def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]:
+    """A copy of `env` without the variables whose name matches a pattern (fnmatch, any case)."""
+    upper = [p.upper() for p in patterns]
+    return {k: v for k, v in env.items() if not any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
+
+
+def parse_summary(text: str) -> dict[str, float | str]:
+    """The `key: value` lines after the last line that is exactly `---` (floats where they parse)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.rstrip() == "---"]
+    summary: dict[str, float | str] = {}
+    for match in (_KEY_VALUE.match(line.strip()) for line in (lines[starts[-1] + 1:] if starts else [])):
+        if match:
+            value = match.group(2).strip()
+            try:
+                summary[match.group(1)] = float(value)
+            except ValueError:
+                summary[match.group(1)] = value
+    return summary
+
+
+def group_alive(pgid: int) -> bool:
+    """True while the process group has a member that is not a zombie."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists but belongs to another user
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and _live(proc):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def kill_group(pgid: int, grace_seconds: float = 3.0) -> None:
+    """End a process group: SIGTERM, up to `grace_seconds` to exit, then SIGKILL."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        raise ValueError(f"refusing to kill process group {pgid}: it is not a training run's group")
+    for sig, wait in ((signals.SIGTERM, grace_seconds), (signals.SIGKILL, 2.0)):
+        if not group_alive(pgid):
+            return
+        _killpg(pgid, sig)
+        _wait_until(lambda: not group_alive(pgid), wait)
+
+
+def run_experiment(spec: RunSpec) -> RunResult:
+    """Run the command to its end or to the limit and classify what happened. A failing or unstartable
+    command is a result, not an exception; KeyboardInterrupt (or an error raised by a callback) ends
+    the tree and propagates."""
+    argv, shell = _argv(spec.command, spec.python)
+    env = scrub_env(os.environ if spec.env is None else spec.env, spec.secret_patterns)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # otherwise a killed run loses its last lines
+    env.update(spec.extra_env)
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = _Log(spec.log_path, spec.log_cap_bytes)
+    oom_kills, start = _oom_kill_count(), time.monotonic()
+    try:
+        if not Path(spec.cwd).is_dir():
+            raise OSError(f"the working directory {spec.cwd} does not exist")
+        if not argv:
+            raise OSError("the command is empty")
+        proc = subprocess.Popen(argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_rlimit(spec.memory_limit_bytes))
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = getattr(exc, "strerror", None)
+        message = f"cannot start the command: {f'{argv[0]}: {why}' if why else exc}"
+        log.write(f"{message}\n".encode())
+        log.close()
+        return RunResult("crash", None, None, message, 0.0, 0.0, spec.log_path, 0, False, message, {})
+    assert proc.stdout is not None
+    tree = _Tree(proc)
+    log.start(proc.stdout.fileno())
+    timed_out, end = False, start
+    try:
+        if spec.on_start is not None:
+            spec.on_start(proc.pid, proc.pid)  # start_new_session: the child leads its own group
+        timed_out = _watch(proc, spec, tree, start)
+        end = time.monotonic()
+    finally:
+        tree.end(spec.grace_seconds)
+        log.close()
+        proc.stdout.close()
+    end = time.monotonic() if timed_out else end
+
+    data = spec.log_path.read_bytes()
+    memory_hint = _oom_kill_count() > oom_kills or tree.peak_rss >= 0.9 * (
+        spec.memory_limit_bytes or psutil.virtual_memory().total)
+    outcome, sig, error = _classify(proc.returncode, shell, data[-_SCAN_BYTES:].decode("utf-8", "replace"),
+                                    spec, timed_out, memory_hint)
+    starts = [m.start() for m in _DASHES.finditer(data)]
+    summary = parse_summary(data[starts[-1]:].decode("utf-8", "replace")) if starts else {}
+    tail = data[-TAIL_BYTES:].decode("utf-8", "replace").splitlines()
+    if len(data) > TAIL_BYTES and len(tail) > 1:
+        tail = tail[1:]  # the first one is cut
+    return RunResult(outcome, None if sig is not None else proc.returncode, sig, error, end - start,
+                     tree.peak_rss / 2**20, spec.log_path, log.total, log.truncated,
+                     "\n".join(tail[-TAIL_LINES:]), summary)
+
+
+def _argv(command: str | Sequence[str], python: str) -> tuple[list[str], bool]:
+    """The argv to execute, with a leading `python` word replaced, and whether a shell runs it."""
+    if isinstance(command, str):
+        match = re.match(r"\s*python(?=\s|$)", command)
+        if match:
+            command = shlex.quote(python) + command[match.end():]
+        return ["/bin/sh", "-c", command], True
+    argv = list(command)
+    return ([python, *argv[1:]] if argv and argv[0] == "python" else argv), False
+
+
+def _rlimit(limit: int | None) -> Callable[[], None] | None:
+    """A preexec_fn capping the child's address space: a bound C call, safe after fork."""
+    return None if limit is None else functools.partial(resource.setrlimit, resource.RLIMIT_AS, (limit, limit))
+
+
+def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: float) -> bool:
+    """Wait for the main process, sampling memory and ticking; True when the limit expired."""
+    deadline, next_tick, next_sample = start + spec.limit, start + spec.tick_seconds, start
+    while True:
+        now = time.monotonic()
+        if now >= next_sample:
+            tree.sample()
+            next_sample = now + spec.sample_seconds
+        if spec.on_tick is not None and now >= next_tick:
+            spec.on_tick(now - start)
+            next_tick = now + spec.tick_seconds
+        if now >= deadline:
+            return True
+        try:
+            proc.wait(timeout=max(0.01, min(next_sample, next_tick, deadline) - now))
+            return False
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _oom_kill_count() -> int:
+    """How many processes the kernel's OOM killer has ended since boot (0 where unknown)."""
+    try:
+        with open("/proc/vmstat", encoding="ascii") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("oom_kill ")), 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _classify(returncode: int, shell: bool, text: str, spec: RunSpec, timed_out: bool,
+              memory_hint: bool) -> tuple[Outcome, int | None, str | None]:
+    """(outcome, signal, error) from the exit status, the signals and the end of the log."""
+    sig = -returncode if returncode < 0 else None
+    if sig is None and shell and 128 < returncode < 128 + signals.NSIG:
+        sig = returncode - 128  # a shell reports its child's death by signal N as exit 128 + N
+    if timed_out:
+        return "timeout", sig, f"exceeded the {spec.limit:g} s limit (budget {spec.budget:g} s + allowances)"
+    if returncode == 0:
+        return "ok", None, None
+    lines = [line.rstrip() for line in text.splitlines()]
+    oom = [line.strip() for line in lines if _OOM.search(line) and not line.startswith("    ")]
+    if oom:
+        return "oom", sig, oom[-1][:500]
+    name = {s.value: s.name for s in signals.Signals}.get(sig or 0, f"signal {sig}")
+    if sig is not None and sig not in _FAULTS:
+        if sig == signals.SIGKILL and memory_hint:
+            return "oom", sig, "killed by SIGKILL while memory was exhausted (the kernel's OOM killer)"
+        return "killed", sig, f"killed by {name}"
+    nan = [line.strip() for line in lines if _NAN_LOSS.search(line)]
+    if nan or any(_FAIL.match(line) for line in lines):
+        return "nan", sig, nan[-1][:500] if nan else "loss is NaN (the run printed FAIL)"
+    exceptions = [line for line in lines if _EXCEPTION.match(line)]
+    last = [line.strip() for line in lines if line.strip()]
+    fallback = f"died by {name}" if sig is not None else last[-1] if last else f"exited with code {returncode}"
+    return "crash", sig, (exceptions[-1] if exceptions else fallback)[:500]
+
+
+class _Tree:
+    """The main process and every descendant seen, so ones that leave its group still get ended."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc, self.peak_rss = proc, 0
+        self.known: dict[int, psutil.Process] = {}
+        try:
+            self.known[proc.pid] = psutil.Process(proc.pid)
+        except psutil.Error:
+            pass
+
+    def sample(self) -> None:
+        """Add the current descendants of every known live process and record their summed RSS."""
+        alive = {pid: p for pid, p in self.known.items() if p.is_running()}  # zombies too: they still parent
+        children: dict[int, list[psutil.Process]] = {}
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info.get("ppid") or 0, []).append(proc)
+        stack = list(alive)
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child.pid not in alive:
+                    alive[child.pid] = child
+                    stack.append(child.pid)
+        self.known, total = alive, 0
+        for proc in alive.values():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak_rss = max(self.peak_rss, total)
+
+    def gone(self) -> bool:
+        return (self.proc.poll() is not None and not group_alive(self.proc.pid)
+                and not any(_live(p) for p in self.known.values()))
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None or group_alive(self.proc.pid):
+            _killpg(self.proc.pid, sig)
+        for proc in self.known.values():
+            try:
+                proc.send_signal(sig)  # psutil first checks that the pid was not reused
+            except psutil.Error:
+                continue
+
+    def end(self, grace: float) -> None:
+        """SIGTERM to everything, `grace` seconds to exit, then SIGKILL (at once on a second Ctrl-C)."""
+        self.sample()
+        done = self.gone()
+        try:
+            if not done:
+                self.signal(signals.SIGTERM)
+                done = _wait_until(self.gone, grace)
+        finally:
+            if not done:
+                self.signal(signals.SIGKILL)
+                self.proc.wait()
+                _wait_until(self.gone, 2.0)
+
+
+def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not (finished := done()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return finished
+
+
+def _live(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class _Log:
+    """Copies the child's output from a pipe to a file in a thread, keeping at most `cap` bytes: the
+    first half goes to disk as it comes, the last half stays in memory until close(), a marker between."""
+
+    def __init__(self, path: Path, cap: int) -> None:
+        self.file = open(path, "w+b")  # closed in close()
+        self.tail_cap = max(cap, 2) // 2
+        self.head_cap = max(cap, 2) - self.tail_cap
+        self.on_disk = self.total = self.tail_len = 0
+        self.tail: deque[bytes] = deque()
+        self.truncated = self.head_newline = self.broken = False
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, fd: int) -> None:
+        self.thread = threading.Thread(target=self._pump, args=(fd,), name="runner-log", daemon=True)
+        self.thread.start()
+
+    def _pump(self, fd: int) -> None:
+        drain_until = None
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while drain_until is None or time.monotonic() < drain_until:
+                if selector.select(0.1):
+                    data = os.read(fd, _CHUNK)
+                    if not data:
+                        return
+                    self.write(data)
+                elif self.stop.is_set():
+                    return
+                if self.stop.is_set() and drain_until is None:
+                    drain_until = time.monotonic() + 2.0  # a writer we could not end keeps writing
+
+    def write(self, data: bytes) -> None:
+        self.total += len(data)
+        try:
+            if self.broken:
+                return
+            if not self.truncated and self.on_disk + len(data) <= self.head_cap + self.tail_cap:
+                self.file.write(data)
+                self.file.flush()
+                self.on_disk += len(data)
+                return
+            if not self.truncated:  # first overflow: the head stays on disk, what follows it moves to memory
+                self.truncated = True
+                fill = max(0, self.head_cap - self.on_disk)
+                self.file.write(data[:fill])
+                data = data[fill:]
+                self.file.seek(self.head_cap - 1)
+                self.head_newline = self.file.read(1) == b"\n"
+                moved = self.file.read()
+                self.file.truncate(self.head_cap)
+                self.tail.append(moved)
+                self.tail_len += len(moved)
+            self.tail.append(data)
+            self.tail_len += len(data)
+            while self.tail_len - len(self.tail[0]) >= self.tail_cap:
+                self.tail_len -= len(self.tail.popleft())
+        except OSError:
+            self.broken = True  # e.g. disk full: keep draining the pipe so the child never blocks
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        try:
+            if self.truncated and not self.broken:
+                tail = b"".join(self.tail)[-self.tail_cap:]
+                marker = f"[... {self.total - self.head_cap - len(tail)} bytes omitted ...]\n".encode()
+                self.file.seek(self.head_cap)
+                self.file.write((b"" if self.head_newline else b"\n") + marker + tail)
+                self.file.truncate()
+        finally:
+            self.file.close()

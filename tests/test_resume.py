@@ -1,0 +1,65 @@
+"""kill -9 of the orchestrator at random moments, then the same command again: nothing lost,
+nothing duplicated, no orphan process, git and results.tsv consistent with the ledger."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from autoresearch.ledger import Ledger
+from conftest import REPO
+from test_loop import BENCH, git, make_target
+
+SLOW_BENCH = BENCH.replace('time.sleep(PAUSE)', '''import os
+with open(os.path.join(os.environ["PID_DIR"], f"{os.getpid()}.pid"), "w") as f:
+    f.write("x")
+time.sleep(PAUSE)''').replace("PAUSE = 0.0 ", "PAUSE = 1.5 ")
+
+
+def start(repo: Path, pid_dir: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PID_DIR": str(pid_dir), "PYTHONPATH": str(REPO / "src")}
+    return subprocess.Popen([sys.executable, "-m", "autoresearch", "run", "--plain", "--max-experiments", "4",
+                             "--tag", "k"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
+    repo = make_target(tmp_path, SLOW_BENCH)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    rng = random.Random(7)
+    for attempt in range(4):
+        proc = start(repo, pid_dir)
+        time.sleep(rng.uniform(0.5, 3.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # the orchestrator only; its run, if any, is orphaned
+        proc.wait()
+    # an orphaned training process may be alive now; the next run must end it
+    final = start(repo, pid_dir)
+    _, err = final.communicate(timeout=240)
+    assert final.returncode == 0, err
+    with Ledger(repo / ".autoresearch" / "ledger.db") as ledger:
+        rows = ledger.experiments("k")
+    assert [e.kind for e in rows].count("baseline") == 1
+    assert [e.kind for e in rows].count("experiment") == 4
+    assert all(e.status in ("keep", "discard") for e in rows), [(e.id, e.status, e.reason) for e in rows]
+    assert len({e.commit_sha for e in rows if e.kind == "experiment"}) == 4  # nothing duplicated
+    for e in rows:
+        assert git(repo, "rev-parse", f"refs/autoresearch/experiments/{e.id}") == e.commit_sha
+    kept = [e for e in rows if e.status == "keep"]
+    assert git(repo, "rev-parse", "refs/heads/autoresearch/k") == kept[-1].commit_sha
+    tsv = (repo / "results.tsv").read_text().splitlines()
+    assert len(tsv) == 1 + len(rows)
+    # no training process outlives its orchestrator
+    for pid_file in pid_dir.iterdir():
+        pid = int(pid_file.stem)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
