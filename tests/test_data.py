@@ -31,7 +31,7 @@ from autoresearch.data import (
     recipes,
 )
 from autoresearch.data import download as downloads
-from autoresearch.data import manifest
+from autoresearch.data import manifest as manifests
 from autoresearch.data.manifest import assign_splits, sha256_file
 from autoresearch.errors import CacheCorrupt, ConfigError, DataNotPrepared, DatasetUnreachable, UnknownDataset
 
@@ -438,7 +438,7 @@ def test_files_bad_split_name(tmp_path: Path) -> None:
 
 def test_shard_and_row_group_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recipes, "TRAIN_ROWS_PER_SHARD", 10)
-    monkeypatch.setattr(manifest, "ROW_GROUP_BYTES", 500)
+    monkeypatch.setattr(manifests, "ROW_GROUP_BYTES", 500)
     spec = small_corpus(tmp_path)
     data = prepare_dataset(spec, VOCAB)
     train = data.files("train")

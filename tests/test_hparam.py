@@ -178,8 +178,19 @@ def test_badly_typed_override_fails_at_construction(space: dict[str, Any]) -> No
 def test_nothing_to_search_is_an_error() -> None:
     with pytest.raises(AgentError, match="no hyperparameters"):
         HparamAgent().propose(context('# Hyperparameters\nNAME = "x"\n', []))
+    two = ResearchContext(program="", files={"a.py": "A = 1\n", "b.py": "B = 2\n"}, history=[], champion_commit="c0",
+                          champion_metric=None, metric_name="score", direction="min", budget=5.0)
     with pytest.raises(AgentError, match="model.py"):
-        HparamAgent(file="model.py").propose(context(SOURCE, []))
+        HparamAgent(file="model.py").propose(two)
+
+
+def test_a_project_without_train_py() -> None:
+    """`autoresearch init --target .`: the editable file with the hyperparameter heading is the one edited."""
+    files = {"bench.py": SOURCE, "util.py": "X = 1\n", "README.md": "# Hyperparameters\n"}
+    ctx = ResearchContext(program="", files=files, history=[], champion_commit="c0", champion_metric=None,
+                          metric_name="score", direction="min", budget=5.0)
+    proposal = HparamAgent().propose(ctx)
+    assert proposal is not None and list(proposal.files) == ["bench.py"]
 
 
 # -- proposals -----------------------------------------------------------------------------------
@@ -199,10 +210,23 @@ def test_proposals_touch_only_the_section(ledger: Ledger, max_changes: int) -> N
             assert type(after[name]) is type(before[name])
             if name in ("DEPTH", "ASPECT_RATIO", "TOTAL_BATCH_SIZE"):
                 assert after[name] & (after[name] - 1) == 0
+        assert "00000" not in text and "99999" not in text  # short literals: 0.82, not 0.8200000000000001
         old_lines, new_lines = parent.splitlines(), text.splitlines()
         assert len(old_lines) == len(new_lines)
         for old, new in zip(old_lines, new_lines):  # every comment survives, in place
             assert ("#" in old) == ("#" in new) and old.split("#", 1)[-1] == new.split("#", 1)[-1]
+
+
+def test_moves_are_measured_fairly() -> None:
+    """A uniform draw moves every kind of dimension by 1/2 on average, wherever the champion sits in its range:
+    a ratio at 0.0 or a power of two at the top of its choices is not picked more often than the others."""
+    dims, rng = derive_space(SOURCE), random.Random(0)
+    current = current_values(SOURCE, dims)
+    for name in ("WARMUP_RATIO", "MATRIX_LR", "DEPTH", "N_KV_HEADS", "ADAM_BETAS[1]"):
+        moves = [dims[name].distance(dims[name].random(rng), current[name]) for _ in range(3000)]
+        assert 0.4 < statistics.mean(m for m in moves if m > 0) < 0.6, name
+    top = derive_space("# Hyperparameters\nDEPTH = 8  # choices: 2, 4, 8\n")["DEPTH"]
+    assert top.distance(4, 8) == 0.25 and top.distance(2, 8) == 0.75 and top.distance(8, 8) == 0.0
 
 
 def test_no_duplicates_over_30_rounds(ledger: Ledger) -> None:
@@ -216,14 +240,29 @@ def test_no_duplicates_over_30_rounds(ledger: Ledger) -> None:
 
 
 def test_small_space_is_exhausted_then_none(ledger: Ledger) -> None:
-    source = "# Hyperparameters\nDEPTH = 8  # choices: 4, 8\nUSE_X = True\n"
-    agent, texts = HparamAgent(), set[str]()
-    for _ in range(3):  # 2 x 2 configurations, one of them the champion
+    source = "# Hyperparameters\nDEPTH = 8  # choices: 4, 8\nUSE_X = True\nN = 3\n"
+    agent, texts, rationales = HparamAgent(max_changes=1), {source}, []
+    for _ in range(7):  # one change at a time: DEPTH 4, USE_X False, N in 1, 2, 4, 5, 6
         proposal = agent.propose(context(source, ledger.experiments(TAG)))
-        assert proposal is not None and proposal.files["train.py"] not in texts | {source}
+        assert proposal is not None and proposal.files["train.py"] not in texts
         texts.add(proposal.files["train.py"])
+        rationales.append(proposal.rationale)
         record(ledger, "c0", "discard", 2.0, proposal)
     assert agent.propose(context(source, ledger.experiments(TAG))) is None
+    assert rationales[0] == "random start-up sample after 0 trials"
+    assert rationales[1] == "random start-up sample after 1 trial; best so far 2"
+    assert any(r.startswith("random single-constant change") for r in rationales)
+
+
+def test_direction_max(ledger: Ledger) -> None:
+    record(ledger, "c0", "keep", 1.0, kind="baseline", commit="c0")
+    agent = HparamAgent()
+    proposal = agent.propose(context(SOURCE, ledger.experiments(TAG), direction="max"))
+    assert proposal is not None
+    record(ledger, "c0", "discard", 3.0, proposal)
+    ctx = context(SOURCE, ledger.experiments(TAG), direction="max")
+    assert agent.study(ctx).direction.name == "MAXIMIZE"
+    assert agent.propose(ctx).rationale.endswith("best so far 3")  # type: ignore[union-attr]
 
 
 def test_same_seed_same_history_same_proposal(ledger: Ledger, tmp_path: Path) -> None:
@@ -311,7 +350,7 @@ def test_description_and_types() -> None:
         "TOTAL_BATCH_SIZE": ("TOTAL_BATCH_SIZE 2**19 -> 2**20", "TOTAL_BATCH_SIZE = 2**20  # choices: 2**19, 2**20"),
         "SCALE": ("SCALE 0.5 -> 2.0", "SCALE = 2.0  # choices: 0.5, 2.0"),
         "BETAS[0]": ("BETAS (0.8, 0.95) -> (0.85, 0.95)", "BETAS = (0.85, 0.95)"),
-        "WINDOW": ('WINDOW "SSSL" -> "L"', 'WINDOW = "L"  # choices: "SSSL", "L"'),
+        "WINDOW": ('WINDOW "SSSL" -> "L"', 'WINDOW = "L"     # choices: "SSSL", "L"'),  # comment column kept
     }
     for key, (description, line) in cases.items():
         space: dict[str, dict[str, Any]] = {n: {"exclude": True} for n in ("TOTAL_BATCH_SIZE", "SCALE", "BETAS", "WINDOW")

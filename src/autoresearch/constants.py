@@ -102,7 +102,10 @@ def format_literal(value: Literal) -> str:
             return f"2**{value.bit_length() - 1}"
         return repr(value)
     if isinstance(value, float):
-        return f"{value:.6g}" if "e" not in f"{value:.6g}" else repr(value)
+        text = f"{value:.6g}"
+        if "e" in text or "inf" in text or "nan" in text:
+            return repr(value)
+        return text if "." in text else text + ".0"  # 2.0 must stay a float, not become the int 2
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple):
@@ -122,5 +125,16 @@ def set_constants(source: str, values: dict[str, Literal]) -> str:
         )
     edits = sorted(((found[n].start, found[n].end, format_literal(v)) for n, v in values.items()), reverse=True)
     for start, end, text in edits:
-        source = source[:start] + text + source[end:]
+        source = source[:start] + text + _realign(source[end:], len(text) - (end - start))
     return source
+
+
+def _realign(rest: str, grown: int) -> str:
+    """Keep a trailing comment in its column when the literal before it grew or shrank."""
+    line_end = rest.find("\n")
+    line = rest if line_end < 0 else rest[:line_end]
+    stripped = line.lstrip(" ")
+    if not stripped.startswith("#") or grown == 0:
+        return rest
+    spaces = max(1, len(line) - len(stripped) - grown)
+    return " " * spaces + rest[len(line) - len(stripped):]

@@ -114,6 +114,7 @@ class Loop:
             self.ledger.stop_run(self.run_id, self.stop_reason or "error")
             self._export()
             self.view.stop(self.stop_reason or "stopped by an error")
+            self._lock_file.close()  # releases the tag for the next run
         return self.stop_reason
 
     def champion(self) -> tuple[str | None, float | None]:

@@ -7,9 +7,10 @@ Choices, and why:
   fixed space. Each dimension is widened to hold the champion's current value, so the dimensions a
   proposal leaves alone are always inside it.
 - TPE proposes a full point; the agent keeps the `max_changes` dimensions it moved furthest from the
-  champion (as a fraction of each range) and leaves the rest at the champion's values. A change of one
-  or two constants can be judged and kept under the ratchet; a change of fifteen cannot. The values
-  actually written are what is stored, so the rebuilt study learns from what really ran.
+  champion (as a fraction of the room on that side: see `Dim.distance`) and leaves the rest at the
+  champion's values. A change of one or two constants can be judged and kept under the ratchet; a
+  change of fifteen cannot. The values actually written are what is stored (and told to the rebuilt
+  study with their distributions), so TPE learns from what really ran.
 - The study is rebuilt from `context.history` on every call: it survives restarts, and two agents with
   the same seed and history propose the same thing.
 - A crash, timeout or invalid run is told as a finished trial with a violated constraint. TPE ignores
@@ -32,6 +33,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ..constants import Constant, find_constants, set_constants
@@ -41,7 +43,8 @@ from .base import AgentError, Proposal, ResearchContext
 Value = Any  # int | float | str | bool: the value of one searched dimension
 FAILED = ("crash", "timeout", "invalid")
 IN_FLIGHT = ("pending", "running")
-OVERRIDE_TYPES = {"low": (int, float), "high": (int, float), "log": (bool,), "choices": (list, tuple), "exclude": (bool,)}
+OVERRIDE_TYPES = {"low": (int, float), "high": (int, float), "log": (bool,), "choices": (list, tuple),
+                  "exclude": (bool,)}
 TPE_ASKS = 25  # samples drawn from TPE before falling back to random single-constant changes
 RANDOM_TRIES = 500
 
@@ -62,7 +65,7 @@ class Dim:
         if isinstance(d, IntDistribution):
             return min(max(int(round(value)), d.low), d.high)
         if isinstance(d, FloatDistribution):
-            v = 1.0 - _sig(1.0 - float(value)) if self.beta else _sig(float(value))
+            v = round(1.0 - _sig(1.0 - float(value)), 12) if self.beta else _sig(float(value))
             return min(max(v, d.low), d.high)
         return value
 
@@ -75,19 +78,27 @@ class Dim:
         return bool(d.low <= value <= d.high)  # type: ignore[attr-defined]
 
     def distance(self, a: Value, b: Value) -> float:
-        """How far apart two values are, as a fraction of the range; another word counts as half."""
+        """How far `a` moved from `b`, as a fraction of the room on that side of `b` (log units for log
+        ranges, ranks for numeric choices); another word counts as half. Measured so, a uniform draw
+        scores 1/2 on average whatever the dimension, and a value at the edge of its range (a ratio of
+        0.0, the largest power of two) is not favoured over one in the middle."""
         d = self.dist
+        if a == b:
+            return 0.0
         if isinstance(d, CategoricalDistribution):
-            if a == b:
-                return 0.0
             if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in d.choices):
                 return 0.5
             ranked = sorted(d.choices)  # type: ignore[type-var]
-            return abs(ranked.index(a) - ranked.index(b)) / max(1, len(ranked) - 1)
+            a, b, d = ranked.index(a), ranked.index(b), IntDistribution(0, len(ranked) - 1)
+        if isinstance(d, IntDistribution) and not d.log:  # a move of k steps counts as k - 1/2, as if binned
+            return float((abs(a - b) - 0.5) / (d.high - b if a > b else b - d.low))
         low, high = float(d.low), float(d.high)  # type: ignore[attr-defined]
         if getattr(d, "log", False):
-            return abs(math.log(a / b)) / math.log(high / low) if min(a, b) > 0 and high > low else 1.0
-        return abs(a - b) / (high - low) if high > low else 0.0
+            if min(a, b) <= 0:
+                return 1.0
+            a, b, low, high = math.log(a), math.log(b), math.log(low), math.log(high)
+        room = high - b if a > b else b - low
+        return min(1.0, abs(a - b) / room) if room > 0 else 1.0
 
     def random(self, rng: random.Random) -> Value:
         d = self.dist
@@ -131,8 +142,8 @@ def section_constants(source: str, heading: str | None = None) -> dict[str, Cons
     block_end = start  # 1-based: the last comment line of the heading's banner
     while block_end < len(lines) and lines[block_end].strip().startswith("#"):
         block_end += 1
-    end = min((line for line, (text, alone) in comments.items() if alone and line > block_end and text.startswith("# ---")),
-              default=len(lines) + 1)
+    banners = [line for line, (text, alone) in comments.items() if alone and text.startswith("# ---")]
+    end = min((line for line in banners if line > block_end), default=len(lines) + 1)
     return {name: c for name, c in found.items() if start < c.line < end}
 
 
@@ -177,7 +188,8 @@ def _overridden(key: str, value: Value, rule: dict[str, Any], comment: list[Valu
             raise AgentError(f"the choices of {key} are empty")
         for c in choices:
             if not (type(c) is type(value) or (isinstance(value, float) and type(c) is int)):
-                raise AgentError(f"the choices of {key} must be {type(value).__name__}s like its value {value!r}, not {c!r}")
+                raise AgentError(f"the choices of {key} must be {type(value).__name__}s like its value {value!r}, "
+                                 f"not {c!r}")
         return CategoricalDistribution([float(c) if isinstance(value, float) else c for c in choices])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AgentError(f"{key} is {value!r}: a range needs a number", "give choices = [...] instead")
@@ -214,7 +226,8 @@ def check_overrides(overrides: dict[str, Any]) -> None:
             if option not in OVERRIDE_TYPES:
                 raise AgentError(f"the hparam space entry {key} has an unknown option {option!r}",
                                  f"use {', '.join(OVERRIDE_TYPES)}")
-            if not isinstance(value, OVERRIDE_TYPES[option]) or (option in ("low", "high") and isinstance(value, bool)):
+            number_as_bool = option in ("low", "high") and isinstance(value, bool)
+            if not isinstance(value, OVERRIDE_TYPES[option]) or number_as_bool:
                 raise AgentError(f"the hparam space entry {key}: {option} = {value!r} has the wrong type")
 
 
@@ -244,7 +257,9 @@ def derive_space(source: str, overrides: dict[str, dict[str, Any]] | None = None
         if (name not in chosen and not named) or overrides.get(name, {}).get("exclude", False):
             continue
         value = constant.value
-        parts: list[tuple[int | None, Value]] = list(enumerate(value)) if isinstance(value, tuple) else [(None, value)]
+        parts: list[tuple[int | None, Value]] = [(None, value)]
+        if isinstance(value, tuple):
+            parts = list(enumerate(value))
         if name not in chosen or (isinstance(value, tuple) and not all(isinstance(v, float) for v in value)):
             parts = [(i, v) for i, v in parts if (name if i is None else f"{name}[{i}]") in named]
         for index, current in parts:
@@ -254,7 +269,8 @@ def derive_space(source: str, overrides: dict[str, dict[str, Any]] | None = None
             if rule.get("exclude", False):
                 continue
             if set(rule) & {"low", "high", "choices"} or comment is not None:
-                found: tuple[BaseDistribution, bool] | None = (_overridden(key, origin.get(key, current), rule, comment), False)
+                declared = _overridden(key, origin.get(key, current), rule, comment)
+                found: tuple[BaseDistribution, bool] | None = (declared, False)
             else:
                 found = _auto(name, origin.get(key, current), index is not None)
             if found is not None:
@@ -265,7 +281,8 @@ def derive_space(source: str, overrides: dict[str, dict[str, Any]] | None = None
 def current_values(source: str, dims: dict[str, Dim]) -> dict[str, Value]:
     """Each dimension's value in `source`."""
     found = find_constants(source)
-    return {n: found[d.constant].value if d.index is None else found[d.constant].value[d.index] for n, d in dims.items()}
+    return {n: found[d.constant].value if d.index is None else found[d.constant].value[d.index]
+            for n, d in dims.items()}
 
 
 def _key(params: dict[str, Value]) -> str:
@@ -320,16 +337,31 @@ class HparamAgent:
         self.file, self.space, self.seed, self.section = file, dict(space or {}), seed, section
         self.max_changes, self.startup_trials = max_changes, startup_trials
 
+    def target(self, context: ResearchContext) -> str:
+        """The file to edit: `file`, or, when the lab has no such file (a project of its own), the first
+        editable Python file with a hyperparameter heading, or the only editable Python file."""
+        if self.file in context.files:
+            return self.file
+        python = sorted(path for path in context.files if path.endswith(".py"))
+        key = (self.section or "Hyperparameters").lower()
+        marked = [path for path in python if any(alone and key in text.lower()
+                                                 for text, alone in _comments(context.files[path]).values())]
+        if marked or len(python) == 1:
+            return (marked or python)[0]
+        raise AgentError(f"the hparam agent edits {self.file}, which is not an editable file of the lab",
+                         'set file = "..." under [agent] in autoresearch.toml')
+
     def _space(self, context: ResearchContext) -> tuple[str, dict[str, Dim], dict[str, Value], dict[str, Value]]:
         """The champion's text, the dimensions, the champion's values and the baseline's values."""
-        if self.file not in context.files:
-            raise AgentError(f"the hparam agent edits {self.file}, which is not an editable file of the lab")
-        source = context.files[self.file]
-        stored: dict[str, Value] = next((e.meta["origin"] for e in context.history if isinstance(e.meta.get("origin"), dict)), {})
+        path = self.target(context)
+        source = context.files[path]
+        stored: dict[str, Value] = next(
+            (e.meta["origin"] for e in context.history if isinstance(e.meta.get("origin"), dict)), {})
         dims = derive_space(source, self.space, self.section, stored)
         if not dims:
-            raise AgentError(f"no hyperparameters to search in {self.file}",
-                             "add a '# Hyperparameters' section of NAME = value lines, or [agent.space] in autoresearch.toml")
+            raise AgentError(f"no hyperparameters to search in {path}",
+                             "add a '# Hyperparameters' section of NAME = value lines, "
+                             "or [agent.space] in autoresearch.toml")
         current = current_values(source, dims)
         origin = {n: stored[n] if n in stored and d.contains(stored[n]) else current[n] for n, d in dims.items()}
         return source, dims, current, origin
@@ -342,13 +374,14 @@ class HparamAgent:
     def _study(self, context: ResearchContext, dims: dict[str, Dim], origin: dict[str, Value]) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.startup_trials)
-        study = optuna.create_study(direction="maximize" if context.direction == "max" else "minimize", sampler=sampler)
+        direction = StudyDirection.MAXIMIZE if context.direction == "max" else StudyDirection.MINIMIZE
+        study = optuna.create_study(direction=direction, sampler=sampler)
         dists = {n: d.dist for n, d in dims.items()}
         metrics = [e.metric for e in context.history if e.metric is not None and math.isfinite(e.metric)]
         worst = (min(metrics) if context.direction == "max" else max(metrics)) if metrics else 0.0
         for e in context.history:
             params = origin if e.kind == "baseline" else e.meta.get("params")
-            if not isinstance(params, dict) or not all(n in params and d.contains(params[n]) for n, d in dims.items()):
+            if not (isinstance(params, dict) and all(n in params and d.contains(params[n]) for n, d in dims.items())):
                 continue  # another agent's experiment, or one from a space that no longer holds it
             params = {n: params[n] for n in dims}
             trial: FrozenTrial | None = None
@@ -363,7 +396,7 @@ class HparamAgent:
         return study
 
     def propose(self, context: ResearchContext) -> Proposal | None:
-        source, dims, current, origin = self._space(context)
+        path, (source, dims, current, origin) = self.target(context), self._space(context)
         study = self._study(context, dims, origin)
         tried = {_key(origin), _key(current)}
         for e in context.history:
@@ -383,18 +416,19 @@ class HparamAgent:
                            key=lambda n: -dims[n].distance(point[n], current[n]))[: self.max_changes]
             params = {n: point[n] if n in moved else current[n] for n in dims}
             if _key(params) not in tried:
-                return self._proposal(source, dims, current, params, origin, f"{mode} after {len(told)} trials{so_far}")
+                trials = f"{len(told)} trial{'s' * (len(told) != 1)}"
+                return self._proposal(path, source, dims, current, params, origin, f"{mode} after {trials}{so_far}")
         rng = random.Random(f"{self.seed}-{len(context.history)}")
         for _ in range(RANDOM_TRIES):
             name = rng.choice(list(dims))
             params = {**current, name: dims[name].random(rng)}
             if _key(params) not in tried:
-                return self._proposal(source, dims, current, params, origin,
-                                      f"random single-constant change, as TPE kept proposing tried configurations{so_far}")
+                return self._proposal(path, source, dims, current, params, origin,
+                                      f"random single-constant change: TPE kept proposing tried ones{so_far}")
         return None
 
-    def _proposal(self, source: str, dims: dict[str, Dim], current: dict[str, Value], params: dict[str, Value],
-                  origin: dict[str, Value], rationale: str) -> Proposal:
+    def _proposal(self, path: str, source: str, dims: dict[str, Dim], current: dict[str, Value],
+                  params: dict[str, Value], origin: dict[str, Value], rationale: str) -> Proposal:
         changed = [n for n in dims if _key({"v": params[n]}) != _key({"v": current[n]})]
         found = find_constants(source)
         values: dict[str, Value] = {}
@@ -409,7 +443,7 @@ class HparamAgent:
         try:
             text = _write(source, values)
         except ConfigError as exc:
-            raise AgentError(f"cannot write {', '.join(values)} into {self.file}: {exc}") from None
+            raise AgentError(f"cannot write {', '.join(values)} into {path}: {exc}") from None
         description = ", ".join(f"{c} {_fmt(found[c].value)} -> {_fmt(v)}" for c, v in values.items())
-        return Proposal(description=description, files={self.file: text}, rationale=rationale,
+        return Proposal(description=description, files={path: text}, rationale=rationale,
                         meta={"params": params, "changed": changed, "origin": origin})

@@ -34,7 +34,7 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]  # every document starts with it
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # all single bytes plus the special tokens
 MAX_CHARS = 1_000_000_000  # characters of training text read at most
-DOC_CAP = 10_000  # characters read at most from one document, so no single one dominates the counts
+DOC_CAP = 200_000  # characters per document: long documents (a speech is ~50k) are read whole, yet one book cannot dominate
 
 
 def _capped(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:

@@ -158,12 +158,19 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+def softcap_logits(h, w, softcap):
+    # softcap * tanh(z / softcap) = 2 softcap * sigmoid(2 z / softcap) - softcap, and the constant
+    # cancels in the cross-entropy. Dropping it gives logits in [0, 2 softcap] and replaces tanh
+    # by sigmoid: 0.2 vs 1.2-5 ns per element on CPU. Returns sigmoid(2 z / softcap) in fp32.
+    return (h @ w.t()).float().mul_(2 / softcap).sigmoid_()
+
+
 def chunked_loss(h, w, targets, softcap, chunk):
     """Per-token cross-entropy of softcapped logits h @ w.T, `chunk` rows at a time, no gradients.
     h: (N, d), targets: (N,) with -1 = ignore. At most chunk x vocab fp32 logits exist at once."""
     losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
     for s in range(0, h.size(0), chunk):
-        z = softcap * torch.tanh((h[s : s + chunk] @ w.t()).float() / softcap)
+        z = softcap_logits(h[s : s + chunk], w, softcap).mul_(2 * softcap)
         losses[s : s + chunk] = F.cross_entropy(z, targets[s : s + chunk], ignore_index=-1, reduction="none")
     return losses
 
@@ -172,9 +179,10 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of softcapped logits, and its gradients, computed chunk by chunk.
 
     The plain loss materialises B*T x vocab fp32 logits (134 MB at 8192 x 4096) and walks them
-    ~10 times forward and backward; on 2 CPU cores that was 17% of a step. Here each chunk of
-    logits stays in cache: forward computes the loss and d(loss)/d(logits) at once, folds the
-    latter into the gradients of h and w, and backward only scales them by the incoming gradient.
+    ~10 times forward and backward: 2/3 of the loss's time on 2 CPU cores went there, not into
+    its matmuls. Here a chunk of logits stays in cache; forward computes the loss and
+    d(loss)/d(logits) at once and folds the latter into the gradients of h and w; backward only
+    scales them by the incoming gradient.
     """
 
     @staticmethod
@@ -184,17 +192,15 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for s in range(0, h.size(0), chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            t = torch.tanh((hc @ w.t()).float() / softcap)
-            z = softcap * t
-            lse = torch.logsumexp(z, dim=-1)
-            valid = tc >= 0
-            tc = tc.clamp(min=0)
-            loss += ((lse - z.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
-            # d loss / d logits = (softmax(z) - onehot(target)) * (1 - tanh^2), zero on ignored rows
-            g = torch.exp(z.sub_(lse[:, None]))
-            g.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
-            g.mul_(1 - t.square_()).mul_(valid[:, None])
-            g = g.to(h.dtype)
+            sig = softcap_logits(hc, w, softcap)
+            e = sig.mul(2 * softcap).exp_()  # logits <= 30, so exp needs no max-subtraction
+            sumexp = e.sum(dim=-1, keepdim=True)
+            valid = (tc >= 0)[:, None]
+            tc = tc.clamp(min=0)[:, None]
+            loss += ((sumexp.log() - 2 * softcap * sig.gather(1, tc)) * valid).sum()
+            # d(loss)/d(z) = (softmax - onehot(target)) * (1 - tanh^2), and 1 - tanh^2 = 4 sig (1 - sig)
+            e.mul_(valid / sumexp).scatter_add_(1, tc, -valid.float())
+            g = e.mul_(sig.sub_(sig.square())).mul_(4).to(h.dtype)
             grad_h[s : s + chunk] = g @ w
             grad_w += g.t() @ hc
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
