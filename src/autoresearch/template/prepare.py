@@ -152,14 +152,17 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     device = torch.device(device) if device is not None else detect_device()
     cuda = device.type == "cuda"
     rows = packed_rows(tokenizer, T, split)
-    host = torch.empty((B, T + 1), dtype=torch.long, pin_memory=cuda)
-    host_np = host.numpy()
+    staging = np.empty((B, T + 1), dtype=np.int64)
+    # inputs and targets side by side in one buffer, each contiguous (a train.py may call .view on them)
+    host = torch.empty((2, B, T), dtype=torch.long, pin_memory=cuda)
     epoch = 1
     while True:
         for i in range(B):
-            host_np[i], epoch = next(rows)
+            staging[i], epoch = next(rows)
+        host[0].copy_(torch.from_numpy(staging[:, :-1]))
+        host[1].copy_(torch.from_numpy(staging[:, 1:]))
         batch = host.to(device, non_blocking=cuda) if device.type != "cpu" else host.clone()
-        yield batch[:, :-1], batch[:, 1:], epoch
+        yield batch[0], batch[1], epoch
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def evaluate_bpb(model, tokenizer, batch_size, split="val"):
     total_nats, total_bytes = 0.0, 0
     while chunk := [row for row, _ in itertools.islice(rows, batch_size)]:
         batch = torch.from_numpy(np.stack(chunk)).to(device)
-        x, y = batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         loss = model(x, y, reduction="none").reshape(-1).float()
         nbytes = token_bytes[y.reshape(-1)]
         total_nats += (loss * (nbytes > 0)).sum().item()
