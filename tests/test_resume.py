@@ -32,11 +32,12 @@ def start(repo: Path, pid_dir: Path) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed", [7, 11])
+def test_kill_9_at_random_moments_then_resume(tmp_path: Path, seed: int) -> None:
     repo = make_target(tmp_path, SLOW_BENCH)
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    rng = random.Random(7)
+    rng = random.Random(seed)
     for attempt in range(4):
         proc = start(repo, pid_dir)
         time.sleep(rng.uniform(0.5, 3.0))

@@ -96,11 +96,11 @@ class Loop:
         try:
             self._recover()
             self.view.start(self.lab.root.name, self.tag, self.agent.name, self.champion()[1], self.budget)
+            for e in self.ledger.unfinished(self.tag):  # first: what a killed orchestrator left running
+                self.view.message(f"resuming experiment {e.id} ({e.description})")
+                self._check_baseline(self._execute(e.id))
             if self._baseline() is None:
                 self._run_baseline()
-            for e in self.ledger.unfinished(self.tag):
-                self.view.message(f"resuming experiment {e.id} ({e.description})")
-                self._execute(e.id)
             while not self.stop_reason:
                 self.stop_reason = self._limit_reached(started)
                 if self.stop_reason:
@@ -208,8 +208,10 @@ class Loop:
                               commit_sha=start, agent=self.agent.name, description="baseline", status="running",
                               lines_changed=0)
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), start)
-        e = self._execute(eid)
-        if e.status != "keep":
+        self._check_baseline(self._execute(eid))
+
+    def _check_baseline(self, e: Experiment) -> None:
+        if e.kind == "baseline" and e.status != "keep":
             self.stop_reason = "baseline failed"
             raise LoopError(f"the baseline run failed ({e.reason}); nothing can be compared against it",
                             f"fix the code under study and run again; log: {e.log_path}")
