@@ -32,6 +32,7 @@ from .ledger import Experiment, Ledger
 from .view import View
 
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
+OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
 CRASH_STATUS = {"crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
 
 
@@ -356,6 +357,9 @@ class Loop:
         status, reason = "discard", e.reason
         if e.outcome != "ok":
             status = CRASH_STATUS.get(e.outcome or "crash", "crash")
+            label = OUTCOME_LABEL.get(e.outcome or "")
+            if label and not (reason or "").startswith(label):
+                reason = f"{label}: {reason}" if reason else label
         elif e.metric is None:
             status, reason = "crash", f"the run printed no {self.config.metric.name}"
         elif e.kind == "baseline":
