@@ -20,6 +20,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 CONFIG_NAME = "autoresearch.toml"
+LOOP_AGENT_KEYS = ("name", "repair_attempts", "pause_seconds", "max_pause_seconds")  # [agent] keys the loop reads
 SECRET_PATTERNS = ("*_API_KEY", "*_TOKEN", "*SECRET*", "*PASSWORD*", "*_CREDENTIALS")
 
 
@@ -62,6 +63,9 @@ class LabConfig:
     memory_limit_gb: float | None = None  # address-space limit of a run (Linux/macOS)
     agent: str = "hparam"  # the default --agent
     agent_options: dict[str, Any] = field(default_factory=dict)  # the [agent] table, e.g. the hparam space
+    repair_attempts: int = 2  # tries an agent gets to fix its own crashed change
+    pause_seconds: float = 30.0  # first pause when the agent's service is down; doubles each time
+    max_pause_seconds: float = 600.0
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -139,7 +143,10 @@ def parse_config(text: str, root: Path) -> LabConfig:
         log_cap_mb=_get(lab, "log_cap_mb", float, "lab", 10.0),
         memory_limit_gb=memory,
         agent=_get(agent_t, "name", str, "agent", "hparam"),
-        agent_options={k: v for k, v in agent_t.items() if k != "name"},
+        agent_options={k: v for k, v in agent_t.items() if k not in LOOP_AGENT_KEYS},
+        repair_attempts=_get(agent_t, "repair_attempts", int, "agent", 2),
+        pause_seconds=_get(agent_t, "pause_seconds", float, "agent", 30.0),
+        max_pause_seconds=_get(agent_t, "max_pause_seconds", float, "agent", 600.0),
     )
 
 

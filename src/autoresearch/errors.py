@@ -56,3 +56,28 @@ class GitError(AutoresearchError):
 
 class DeviceUnavailable(AutoresearchError):
     """A preset asks for a device (cuda, mps) that this machine does not have."""
+
+
+class MissingExtra(AutoresearchError):
+    """An optional dependency (the openai or anthropic SDK) is not installed."""
+
+
+class MissingKey(AutoresearchError):
+    """The API key an agent needs is not in the environment."""
+
+
+class ModelNotFound(AutoresearchError):
+    """The server does not know the model: never retried."""
+
+
+class ContextTooLong(AutoresearchError):
+    """The prompt exceeds the model's context window: never retried as is; the agent shrinks it."""
+
+
+class AgentUnavailable(AutoresearchError):
+    """The agent's service cannot answer now (server down, timeouts, rate limits past every retry).
+    The loop pauses and tries again later instead of failing the night."""
+
+
+class AgentAuthFailed(AgentUnavailable):
+    """The server refused the API key. Never retried at once; the loop pauses, says so, and tries later."""

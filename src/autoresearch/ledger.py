@@ -75,7 +75,17 @@ def m002_lines_changed(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE experiments ADD COLUMN meta_json TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed]
+def m003_agents(db: sqlite3.Connection) -> None:
+    """LLM agents: token usage and cost per experiment, repairs linked to the idea they fix, and the
+    seconds the loop waited for a proposal (zero when it was prepared during the previous run)."""
+    db.execute("ALTER TABLE experiments ADD COLUMN input_tokens INTEGER")
+    db.execute("ALTER TABLE experiments ADD COLUMN output_tokens INTEGER")
+    db.execute("ALTER TABLE experiments ADD COLUMN cost_usd REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN repair_of INTEGER REFERENCES experiments(id)")
+    db.execute("ALTER TABLE experiments ADD COLUMN wait_seconds REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents]
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,11 @@ class Experiment:
     lines_changed: int | None
     outcome: str | None
     meta_json: str | None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    repair_of: int | None = None
+    wait_seconds: float | None = None
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -15,16 +15,17 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from . import runner as runner_mod
-from .agents.base import Agent, AgentError, Proposal, ResearchContext
+from .agents.base import Agent, Proposal, ResearchContext
 from .checks import check_change, frozen_hashes, lines_changed, matches, patch_hash
-from .errors import AutoresearchError
+from .errors import AgentUnavailable, AutoresearchError
 from .gitrepo import Git
 from .judge import Judge, StrictJudge
 from .lab import Lab
@@ -33,6 +34,7 @@ from .view import View
 
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
 OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
+FIXABLE = ("crash", "oom", "nan")  # outcomes an agent may repair; a timeout is not a bug to patch
 CRASH_STATUS = {"crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
 
 
@@ -46,6 +48,7 @@ class RunOptions:
     budget: float | None = None  # overrides the lab's budget
     max_experiments: int | None = None  # total experiments of this tag (a re-run finishes the plan)
     hours: float | None = None  # wall-clock limit of this invocation
+    max_cost: float | None = None  # USD spent on the agent for this tag
 
 
 def ledger_path(lab: Lab) -> Path:
@@ -81,6 +84,9 @@ class Loop:
         self.run_id = 0
         self.stop_reason = ""
         self._stop_requested = False
+        self._prefetch: _Prefetch | None = None
+        self._pause = 0.0
+        self._started = time.monotonic()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -93,7 +99,7 @@ class Loop:
         previous = signal.getsignal(signal.SIGINT)
         if _is_main_thread():
             signal.signal(signal.SIGINT, self._on_sigint)
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         try:
             self._recover()
             self.view.start(self.lab.root.name, self.tag, self.agent.name, self.champion()[1], self.budget)
@@ -225,6 +231,10 @@ class Loop:
             return f"reached --max-experiments {self.options.max_experiments}"
         if self.options.hours is not None and time.monotonic() - started >= self.options.hours * 3600:
             return f"reached --hours {self.options.hours:g}"
+        if self.options.max_cost is not None:
+            spent = sum(e.cost_usd or 0.0 for e in self.ledger.experiments(self.tag))
+            if spent >= self.options.max_cost:
+                return f"reached --max-cost ${self.options.max_cost:g} (spent ${spent:.2f})"
         return ""
 
     def context(self) -> ResearchContext:
@@ -243,42 +253,144 @@ class Loop:
         )
 
     def _one_experiment(self) -> None:
-        self.view.proposing()
-        t0 = time.monotonic()
         context = self.context()
-        try:
-            proposal = self.agent.propose(context)
-        except AgentError as exc:
-            self.stop_reason = f"the agent failed: {exc}"
+        got = self._next_proposal(context)
+        if got is None:
             return
-        propose_seconds = time.monotonic() - t0
+        proposal, propose_seconds, wait_seconds = got
+        e = self._record(proposal, context, propose_seconds, wait_seconds)
+        if e.status == "running":
+            self._repair(self._execute(e.id))
+
+    # -- getting a proposal: prepared ahead, paused when the agent's service is down -----------
+
+    def _next_proposal(self, context: ResearchContext) -> tuple[Proposal, float, float] | None:
+        """(proposal, seconds the agent took, seconds the loop waited), or None to go round again."""
+        self.view.proposing()
+        prepared, self._prefetch = self._prefetch, None
+        t0 = time.monotonic()
+        if prepared is not None:
+            prepared.thread.join()
+            waited = time.monotonic() - t0
+            if prepared.error is not None:
+                return self._agent_failed(prepared.error)
+            took = prepared.seconds
+            proposal = prepared.proposal
+            if proposal is not None and prepared.context.champion_commit != context.champion_commit:
+                proposal = self._rebase(proposal, prepared.context.champion_commit, context.champion_commit)
+                if proposal is None:  # no longer applies to the new champion: ask afresh
+                    return self._next_proposal(context)
+        else:
+            try:
+                proposal = self.agent.propose(context)
+            except AutoresearchError as exc:
+                return self._agent_failed(exc)
+            took = waited = time.monotonic() - t0
         if proposal is None:
             self.stop_reason = "the agent has nothing more to propose"
+            return None
+        self._pause = 0.0
+        return proposal, took, waited
+
+    def _agent_failed(self, exc: BaseException) -> None:
+        """A service that is down pauses the loop (longer each time); anything else stops it."""
+        if isinstance(exc, AgentUnavailable):
+            self._pause = min(max(self._pause * 2, self.config.pause_seconds), self.config.max_pause_seconds)
+            self.view.message(f"the agent is unavailable: {exc}; pausing {self._pause:.0f} s, then trying again")
+            deadline = time.monotonic() + self._pause
+            while time.monotonic() < deadline and not self._stop_requested:
+                time.sleep(min(1.0, deadline - time.monotonic()))
+            return None
+        if isinstance(exc, AutoresearchError):
+            self.stop_reason = f"the agent failed: {exc}"
+            return None
+        raise exc
+
+    def _start_prefetch(self) -> None:
+        """Ask a slow agent for the next proposal while the current experiment runs."""
+        if not getattr(self.agent, "slow", False) or self._prefetch is not None or self._stop_requested:
             return
+        done = sum(1 for e in self.ledger.experiments(self.tag) if e.kind == "experiment")
+        if self.options.max_experiments is not None and done >= self.options.max_experiments:
+            return  # this is the last experiment: a proposal now would be wasted
+        if self.champion()[0] is None:
+            return
+        self._prefetch = _Prefetch(self.agent, self.context())
+
+    def _rebase(self, proposal: Proposal, old: str, new: str) -> Proposal | None:
+        """A proposal prepared against the previous champion, as a patch on the new one, if it applies."""
+        self.wt.reset_to(old)
+        if self._apply(proposal) is not None:
+            return None
+        patch = self.wt.diff_head()
+        self.wt.reset_to(new)
+        if not patch.strip() or self.wt.apply(patch) is not None:
+            self.wt.reset_to(new)
+            return None
+        self.wt.reset_to(new)
+        meta = {**proposal.meta, "rebased_from": old}
+        return replace(proposal, files={}, patch=patch, meta=meta)
+
+    # -- repairs ------------------------------------------------------------------------------
+
+    def _repair(self, failed: Experiment) -> None:
+        """Give an agent that can repair a few attempts at fixing its own crashed change. Each
+        attempt is an experiment of its own, linked to the idea it repairs."""
+        repair = getattr(self.agent, "repair", None)
+        idea = failed
+        for attempt in range(1, self.config.repair_attempts + 1):
+            if repair is None or failed.status != "crash" or failed.outcome not in FIXABLE or not failed.commit_sha:
+                return
+            if self._limit_reached(self._started):
+                return
+            files = {p: (self.git.show(failed.commit_sha, p) or b"").decode("utf-8", errors="replace")
+                     for p in self.git.ls_files(failed.commit_sha) if matches(p, self.config.editable)}
+            context = replace(self.context(), files=files, last_failure=failed)
+            self.view.message(f"asking the agent to repair #{failed.id} (attempt {attempt}/{self.config.repair_attempts})")
+            t0 = time.monotonic()
+            try:
+                proposal = repair(context, failed, _log_tail(failed.log_path), attempt, self.config.repair_attempts)
+            except AutoresearchError as exc:
+                self._agent_failed(exc)
+                return
+            if proposal is None:
+                return
+            took = time.monotonic() - t0
+            e = self._record(proposal, self.context(), took, took, repair_of=idea.id)
+            if e.status != "running":
+                return
+            failed = self._execute(e.id)
+
+    # -- recording a proposal -------------------------------------------------------------------
+
+    def _record(self, proposal: Proposal, context: ResearchContext, propose_seconds: float, wait_seconds: float,
+                repair_of: int | None = None) -> Experiment:
+        """Apply, check and commit a proposal; write its ledger row (running, or invalid with the reason)."""
         champion = context.champion_commit
         self.wt.reset_to(champion)
-        reason = self._apply(proposal)
+        reason = proposal.error or self._apply(proposal)
         patch = self.wt.diff_head()
         changed = self.wt.run("diff", "--cached", "--name-only", "HEAD").splitlines()
         if reason is None:
             tried = {patch_hash(e.patch) for e in context.history if e.parent_commit == champion and e.patch}
             reason = check_change(self.worktree, changed, self.config.editable, self._frozen(), tried, patch)
         commit = self.wt.commit_staged(_message(proposal)) if patch.strip() else None
+        meta = proposal.meta
         eid = self.ledger.add(
             run_id=self.run_id, tag=self.tag, kind="experiment", parent_commit=champion, commit_sha=commit,
             agent=self.agent.name, description=proposal.description, rationale=proposal.rationale,
-            patch=patch, lines_changed=lines_changed(patch), meta=proposal.meta,
-            propose_seconds=propose_seconds, status="invalid" if reason else "running", reason=reason,
-            champion_metric=context.champion_metric, finished_at=time.time() if reason else None,
+            patch=patch, lines_changed=lines_changed(patch), meta=meta, repair_of=repair_of,
+            propose_seconds=propose_seconds, wait_seconds=wait_seconds, status="invalid" if reason else "running",
+            reason=reason, champion_metric=context.champion_metric, finished_at=time.time() if reason else None,
+            input_tokens=meta.get("input_tokens"), output_tokens=meta.get("output_tokens"), cost_usd=meta.get("cost_usd"),
         )
         if commit:
             self.git.update_ref(EXPERIMENT_REF.format(id=eid), commit)
+        e = self.ledger.get(eid)
         if reason:
-            e = self.ledger.get(eid)
             self.view.finished(e, context.champion_metric)
             self._export()
-            return
-        self._execute(eid)
+        return e
 
     def _apply(self, proposal: Proposal) -> str | None:
         """Put the proposal into the worktree; the reason when it cannot be applied."""
@@ -308,6 +420,8 @@ class Loop:
             e = self.ledger.get(eid)
             limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
             self.view.started(e, limit)
+            if e.kind == "experiment":
+                self._start_prefetch()
             spec = runner_mod.RunSpec(
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
@@ -397,6 +511,39 @@ class Loop:
             raise KeyboardInterrupt
         self._stop_requested = True
         self.view.message("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again abandons it)")
+
+
+class _Prefetch:
+    """A proposal being prepared in a thread, against the champion of `context`."""
+
+    def __init__(self, agent: Agent, context: ResearchContext) -> None:
+        self.agent, self.context = agent, context
+        self.proposal: Proposal | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._work, name="autoresearch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.proposal = self.agent.propose(self.context)
+        except BaseException as exc:  # handed to the loop's thread, which decides
+            self.error = exc
+        self.seconds = time.monotonic() - t0
+
+
+def _log_tail(path: str | None, lines: int = 80) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _message(proposal: Proposal) -> str:

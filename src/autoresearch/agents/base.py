@@ -42,10 +42,18 @@ class Proposal:
     patch: str | None = None  # a unified diff against the champion, applied with `git apply`
     rationale: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # stored in the ledger; the agent may read it back
+    error: str | None = None  # the agent could not produce a valid change: recorded as invalid, nothing runs
 
 
 class Agent(Protocol):
-    """Proposes experiments. `propose` returns None when it has nothing left to try."""
+    """Proposes experiments. `propose` returns None when it has nothing left to try.
+
+    Optional, looked up with getattr by the loop:
+    - `slow: bool` — proposing takes long (an LLM): the loop prepares the next proposal while the
+      current experiment runs, so the device does not sit idle.
+    - `repair(context, failed, log_tail, attempt) -> Proposal | None` — fix a crashed change; the
+      context's files are then the failed experiment's, and the returned files replace them.
+    """
 
     name: str
 

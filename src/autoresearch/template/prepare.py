@@ -149,6 +149,9 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     Long documents are split at paragraph boundaries rather than cropped, so an epoch sees every
     token of the split. Pinned memory and non-blocking copies are used on CUDA only.
     """
+    if split == "train" and os.environ.get("AUTORESEARCH_NO_TRAIN"):
+        # set for coding assistants that propose changes: the loop runs experiments, they do not
+        sys.exit("error: training is disabled here (AUTORESEARCH_NO_TRAIN is set): autoresearch runs experiments itself")
     device = torch.device(device) if device is not None else detect_device()
     cuda = device.type == "cuda"
     rows = packed_rows(tokenizer, T, split)

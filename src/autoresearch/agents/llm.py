@@ -1,0 +1,118 @@
+"""An LLM research agent: `openai:<model>` (any OpenAI-compatible server) and `anthropic:<model>`.
+
+It reads the brief, the champion's code and the history, and replies with a description, a
+rationale and SEARCH/REPLACE blocks. A reply that cannot be parsed, a SEARCH that does not match
+exactly, a no-op, or a file that no longer compiles is sent back with a precise error, up to
+`max_attempts` times; after that the proposal carries the error and the loop records it as invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ContextTooLong
+from ..ledger import Experiment
+from .base import AgentError, Proposal, ResearchContext
+from .context import Prompt, RepairRequest, build_prompt
+from .edits import apply_edits, describe_problem, parse_reply
+from .providers import Completion, Message, Provider
+
+
+@dataclass
+class Usage:
+    """Tokens and cost of one proposal, all attempts included."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+    requests: int = 0
+    seconds: float = 0.0
+
+    def add(self, c: Completion) -> None:
+        self.input_tokens += c.input_tokens
+        self.output_tokens += c.output_tokens
+        self.requests += c.attempts
+        self.seconds += c.seconds
+        if c.cost_usd is not None:
+            self.cost_usd = (self.cost_usd or 0.0) + c.cost_usd
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "cost_usd": self.cost_usd,
+                "requests": self.requests, "llm_seconds": round(self.seconds, 3)}
+
+
+class LLMAgent:
+    """Proposes code changes with a chat model. Slow: the loop prepares proposals ahead."""
+
+    slow = True
+
+    def __init__(self, provider: Provider, editable: Callable[[str], bool], *, max_attempts: int = 3,
+                 max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192) -> None:
+        if max_attempts < 1:
+            raise AgentError("max_attempts must be at least 1")
+        self.provider, self.editable = provider, editable
+        self.name = provider.spec
+        self.max_attempts, self.max_chars, self.hardware, self.max_tokens = max_attempts, max_chars, hardware, max_tokens
+
+    def propose(self, context: ResearchContext) -> Proposal | None:
+        return self._converse(context, None)
+
+    def repair(self, context: ResearchContext, failed: Experiment, log_tail: str, attempt: int,
+               max_attempts: int) -> Proposal | None:
+        return self._converse(context, RepairRequest(failed=failed, log_tail=log_tail, attempt=attempt,
+                                                     max_attempts=max_attempts))
+
+    def _prompt(self, context: ResearchContext, repair: RepairRequest | None, max_chars: int) -> Prompt:
+        return build_prompt(context, max_chars=max_chars, hardware=self.hardware, repair=repair)
+
+    def _complete(self, context: ResearchContext, repair: RepairRequest | None, messages: list[Message],
+                  usage: Usage) -> tuple[Completion, list[Message]]:
+        """One request; a context that is too long is rebuilt at half the size, twice at most."""
+        max_chars = self.max_chars
+        for _ in range(3):
+            prompt = self._prompt(context, repair, max_chars)
+            convo = [Message("user", prompt.user), *messages[1:]] if messages else [Message("user", prompt.user)]
+            try:
+                completion = self.provider.complete(prompt.system, convo, max_tokens=self.max_tokens)
+            except ContextTooLong:
+                max_chars //= 2
+                continue
+            usage.add(completion)
+            return completion, convo
+        raise AgentError(f"the prompt is too long for {self.provider.spec} even at {max_chars * 2} characters",
+                         "use a model with a longer context, or lower [agent] max_chars")
+
+    def _converse(self, context: ResearchContext, repair: RepairRequest | None) -> Proposal:
+        usage = Usage()
+        messages: list[Message] = []
+        problems: list[str] = []
+        for attempt in range(1, self.max_attempts + 1):
+            completion, messages = self._complete(context, repair, messages, usage)
+            try:
+                reply = parse_reply(completion.text)
+                changed = apply_edits(context.files, reply.blocks, self.editable)
+                _check_compiles(changed)
+            except AgentError as exc:
+                problems.append(str(exc).splitlines()[0])
+                messages = [*messages, Message("assistant", completion.text), Message("user", describe_problem(exc))]
+                continue
+            meta = {**usage.as_meta(), "attempts": attempt, "format_errors": problems, "model": completion.model}
+            if repair is not None:
+                meta["repair_of"] = repair.failed.id
+            return Proposal(description=reply.description, files=changed, rationale=reply.rationale, meta=meta)
+        last = problems[-1] if problems else "no reply"
+        return Proposal(description=f"(no valid edit after {self.max_attempts} attempts)",
+                        error=f"no valid edit after {self.max_attempts} attempts: {last}",
+                        meta={**usage.as_meta(), "attempts": self.max_attempts, "format_errors": problems})
+
+
+def _check_compiles(files: dict[str, str]) -> None:
+    for path, text in files.items():
+        if path.endswith(".py"):
+            try:
+                compile(text, path, "exec")
+            except SyntaxError as exc:
+                raise AgentError(f"after your edits {path} does not compile: {exc.msg} at line {exc.lineno}",
+                                 "send corrected SEARCH/REPLACE blocks against the original file") from None
