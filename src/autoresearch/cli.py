@@ -105,9 +105,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     lab = find_lab()
     if args.budget is not None and args.budget <= 0:
         raise ConfigError(f"--budget must be positive seconds, not {args.budget:g}")
-    agent = make_agent(args.agent or lab.config.agent, lab.root, lab.config.agent_options)
+    if args.max_cost is not None and args.max_cost <= 0:
+        raise ConfigError(f"--max-cost must be positive dollars, not {args.max_cost:g}")
     tag = args.tag or default_tag(lab)
-    options = RunOptions(tag=tag, budget=args.budget, max_experiments=args.max_experiments, hours=args.hours)
+    agent = make_agent(args.agent or lab.config.agent, lab.root, lab.config.agent_options,
+                       editable=lab.config.editable, tag=tag, base_url=args.base_url)
+    options = RunOptions(tag=tag, budget=args.budget, max_experiments=args.max_experiments, hours=args.hours,
+                         max_cost=args.max_cost)
     with Ledger(ledger_path(lab)) as ledger:
         loop = Loop(lab, agent, options, ledger, _view(args.plain))
         reason = loop.run()
@@ -192,7 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prepare_dataset(task.dataset, task.vocab_size, log=lambda line: print(line, flush=True))
     options = RunOptions(tag="demo", max_experiments=args.experiments)
     with Ledger(ledger_path(lab)) as ledger:
-        loop = Loop(lab, make_agent("hparam", lab.root), options, ledger, _view(args.plain))
+        loop = Loop(lab, make_agent("hparam", lab.root, editable=lab.config.editable), options, ledger,
+                    _view(args.plain))
         loop.run()
         png, md = write_report(ledger.experiments("demo"), lab.root, lab.config.metric.name,
                                lab.config.metric.direction, "demo")
@@ -247,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="override the lab's training seconds for this run")
 
     p = add("run", cmd_run)
-    p.add_argument("--agent", default=None, help="hparam (default, no LLM) or patches:DIR")
+    p.add_argument("--agent", default=None,
+                   help="hparam (default, no LLM), openai:MODEL, anthropic:MODEL, claude-code, codex or patches:DIR")
+    p.add_argument("--base-url", default=None,
+                   help="an OpenAI-compatible server for openai:MODEL (vLLM, Ollama, llama.cpp, LM Studio, OpenRouter)")
+    p.add_argument("--max-cost", type=float, default=None, help="stop when the agent has cost this many dollars")
     p.add_argument("--budget", type=float, default=None, help="training seconds per experiment (default: the lab's)")
     p.add_argument("--max-experiments", type=int, default=None, help="stop when the tag has this many experiments")
     p.add_argument("--hours", type=float, default=None, help="stop after this many hours")

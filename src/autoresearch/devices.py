@@ -201,10 +201,16 @@ def _write_cache(key: str, value: float) -> None:
         pass  # a read-only cache only costs a re-measurement next time
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, refresh: bool = False) -> float:
+def peak_flops(
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    refresh: bool = False,
+    seconds: float = 0.5,
+) -> float:
     """Peak dense matmul FLOP/s of `device` in `dtype`: the data sheet for known NVIDIA GPUs,
     otherwise measured once per (processor, torch version, thread count, dtype) and cached in
-    settings.cache_dir(). `refresh=True` measures again and overwrites the cached figure.
+    settings.cache_dir(). `refresh=True` measures again (for up to `seconds`) and overwrites the
+    cached figure: a benchmark does that to relate its runs to the peak of the same moment.
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype == torch.bfloat16:
@@ -216,6 +222,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, refres
         cached = _read_cache().get(key)
         if isinstance(cached, (int, float)) and cached > 0:
             return float(cached)
-    value = measure_matmul_flops(device, dtype)
+    value = measure_matmul_flops(device, dtype, max_seconds=seconds, max_reps=max(8, int(seconds * 16)))
     _write_cache(key, value)
     return value

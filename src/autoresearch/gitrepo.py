@@ -126,10 +126,11 @@ class Git:
             raise GitError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
-    def apply(self, patch: str) -> str | None:
-        """Apply a unified diff to the working tree; the error text when it does not apply."""
-        proc = subprocess.run(["git", "apply", "--whitespace=nowarn", "-"], cwd=self.root, input=patch,
-                              capture_output=True, text=True)
+    def apply(self, patch: str, three_way: bool = False) -> str | None:
+        """Apply a unified diff to the working tree; the error text when it does not apply.
+        With `three_way`, a patch whose context moved is merged using the blobs it names."""
+        args = ["git", "apply", "--whitespace=nowarn", *(["--3way"] if three_way else []), "-"]
+        proc = subprocess.run(args, cwd=self.root, input=patch, capture_output=True, text=True)
         return None if proc.returncode == 0 else (proc.stderr.strip() or "git apply failed")
 
     def commit_staged(self, message: str) -> str:

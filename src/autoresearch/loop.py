@@ -318,18 +318,29 @@ class Loop:
         self._prefetch = _Prefetch(self.agent, self.context())
 
     def _rebase(self, proposal: Proposal, old: str, new: str) -> Proposal | None:
-        """A proposal prepared against the previous champion, as a patch on the new one, if it applies."""
+        """A proposal prepared against the previous champion, moved onto the new one: by the agent
+        itself when it can (an LLM re-applies its SEARCH/REPLACE blocks), else by a three-way merge
+        of its diff. None when it no longer fits."""
+        meta = {**proposal.meta, "rebased_from": old}
+        own = getattr(self.agent, "rebase", None)
+        if own is not None:
+            files = {p: (self.git.show(new, p) or b"").decode("utf-8", errors="replace")
+                     for p in self.git.ls_files(new) if matches(p, self.config.editable)}
+            moved = own(proposal, files)
+            return None if moved is None else replace(moved, meta={**moved.meta, **meta})
         self.wt.reset_to(old)
         if self._apply(proposal) is not None:
             return None
         patch = self.wt.diff_head()
         self.wt.reset_to(new)
-        if not patch.strip() or self.wt.apply(patch) is not None:
-            self.wt.reset_to(new)
-            return None
+        merged = bool(patch.strip()) and self.wt.apply(patch, three_way=True) is None
+        changed = self.wt.changed_paths() if merged else []
+        files = {p: (self.worktree / p).read_text(encoding="utf-8") for p in changed if (self.worktree / p).is_file()}
+        deleted = [p for p in changed if not (self.worktree / p).exists()]
         self.wt.reset_to(new)
-        meta = {**proposal.meta, "rebased_from": old}
-        return replace(proposal, files={}, patch=patch, meta=meta)
+        if not merged or not files or deleted:
+            return None
+        return replace(proposal, files=files, patch=None, meta=meta)
 
     # -- repairs ------------------------------------------------------------------------------
 

@@ -1,7 +1,18 @@
-"""Agents, selected by the `--agent` spec: `hparam` (default, no LLM) and `patches:DIR`."""
+"""Agents, selected by the `--agent` spec.
+
+- `hparam` (default, no LLM): Optuna TPE over train.py's hyperparameter constants.
+- `patches:DIR`: replays unified diffs in name order.
+- `openai:<model>`: any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp, LM Studio,
+  OpenRouter: set base_url); `anthropic:<model>`: Anthropic's API.
+- `claude-code`, `codex`: the coding assistants, run headless in a worktree of their own.
+
+Options come from the `[agent]` table of autoresearch.toml; unknown keys are an error.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,29 +20,84 @@ from .base import Agent, AgentError, Proposal, ResearchContext
 
 __all__ = ["Agent", "AgentError", "Proposal", "ResearchContext", "make_agent", "AGENT_SPECS"]
 
-AGENT_SPECS = ("hparam", "patches:DIR")
+AGENT_SPECS = ("hparam", "patches:DIR", "openai:MODEL", "anthropic:MODEL", "claude-code[:MODEL]", "codex[:MODEL]")
+OPTIONS = {
+    "hparam": {"file", "space", "seed", "max_changes", "startup_trials"},
+    "llm": {"base_url", "api_key_env", "timeout", "max_retries", "backoff_base", "backoff_max", "prices",
+            "temperature", "max_attempts", "max_chars", "max_tokens"},
+    "cli": {"model", "timeout", "executable", "extra_args"},
+}
 
 
-def make_agent(spec: str, root: Path, options: dict[str, Any] | None = None) -> Agent:
-    """The agent a spec names. `root` resolves relative paths; `options` come from [agent] in the toml."""
-    options = options or {}
+def make_agent(spec: str, root: Path, options: dict[str, Any] | None = None, *, editable: Sequence[str] = ("train.py",),
+               tag: str = "run", base_url: str | None = None) -> Agent:
+    """The agent a spec names. `root` is the lab; `options` the [agent] table; `editable` the lab's globs."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set().union(*OPTIONS.values()))
+    if unknown:
+        raise AgentError(f"autoresearch.toml: [agent] has unknown option(s) {', '.join(unknown)}",
+                         f"known options: {', '.join(sorted(set().union(*OPTIONS.values())))}")
+    try:
+        return _build(spec, root, options, list(editable), tag, base_url)
+    except (TypeError, ValueError) as exc:
+        raise AgentError(f"autoresearch.toml: bad [agent] option: {exc}") from None
+
+
+def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], tag: str,
+           base_url: str | None) -> Agent:
     if spec == "hparam":
         from .hparam import HparamAgent
 
-        known = {"file", "space", "seed", "max_changes", "startup_trials", "name"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise AgentError(f"autoresearch.toml: [agent] has unknown option(s) {', '.join(unknown)}",
-                             f"the hparam agent knows: {', '.join(sorted(known - {'name'}))}")
-        try:
-            return HparamAgent(file=str(options.get("file", "train.py")), space=options.get("space"),
-                               seed=int(options.get("seed", 0)), max_changes=int(options.get("max_changes", 2)),
-                               startup_trials=int(options.get("startup_trials", 8)))
-        except (TypeError, ValueError) as exc:
-            raise AgentError(f"autoresearch.toml: bad [agent] option: {exc}") from None
+        return HparamAgent(file=str(options.get("file", "train.py")), space=options.get("space"),
+                           seed=int(options.get("seed", 0)), max_changes=int(options.get("max_changes", 2)),
+                           startup_trials=int(options.get("startup_trials", 8)))
     if spec.startswith("patches:"):
         from .patches import PatchesAgent
 
         directory = Path(spec[len("patches:"):]).expanduser()
         return PatchesAgent(directory if directory.is_absolute() else (Path.cwd() / directory).resolve())
+    if spec.startswith(("openai:", "anthropic:")) and spec.split(":", 1)[1]:
+        from ..checks import matches
+        from .llm import LLMAgent
+        from .providers import ProviderOptions, make_provider
+
+        prices = {str(k): (float(v[0]), float(v[1])) for k, v in dict(options.get("prices", {})).items()}
+        provider = make_provider(spec, ProviderOptions(
+            base_url=base_url or options.get("base_url"), api_key_env=options.get("api_key_env"),
+            timeout=float(options.get("timeout", 600)), max_retries=int(options.get("max_retries", 6)),
+            backoff_base=float(options.get("backoff_base", 2.0)), backoff_max=float(options.get("backoff_max", 120.0)),
+            prices=prices or None, temperature=options.get("temperature"),
+        ))
+        return LLMAgent(provider, editable=lambda path: matches(path, editable),
+                        max_attempts=int(options.get("max_attempts", 3)), max_chars=int(options.get("max_chars", 120_000)),
+                        max_tokens=int(options.get("max_tokens", 8192)), hardware=hardware())
+    kind, _, model = spec.partition(":")
+    if kind in ("claude-code", "codex"):
+        from .coding_cli import CodingCLIAgent
+
+        return CodingCLIAgent(kind, lab_root=root, tag=tag, model=model or options.get("model"),  # type: ignore[arg-type]
+                              timeout=float(options.get("timeout", 900)), executable=options.get("executable"),
+                              extra_args=[str(a) for a in options.get("extra_args", [])])
     raise AgentError(f"unknown agent {spec!r}", f"choose one of: {', '.join(AGENT_SPECS)}")
+
+
+def hardware() -> str:
+    """One line about the machine experiments run on, for the agent's prompt."""
+    cores = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = 0.0
+    line = f"{cores} CPU cores, {memory:.0f} GB RAM"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            line = f"GPU {torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GB); " + line
+        elif torch.backends.mps.is_available():
+            line = "Apple silicon GPU (MPS); " + line
+        else:
+            line = "no GPU; " + line
+    except ImportError:
+        pass
+    return line

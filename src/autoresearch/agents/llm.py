@@ -16,7 +16,7 @@ from ..errors import ContextTooLong
 from ..ledger import Experiment
 from .base import AgentError, Proposal, ResearchContext
 from .context import Prompt, RepairRequest, build_prompt
-from .edits import apply_edits, describe_problem, parse_reply
+from .edits import EditBlock, apply_edits, describe_problem, parse_reply
 from .providers import Completion, Message, Provider
 
 
@@ -64,6 +64,10 @@ class LLMAgent:
         return self._converse(context, RepairRequest(failed=failed, log_tail=log_tail, attempt=attempt,
                                                      max_attempts=max_attempts))
 
+    def rebase(self, proposal: Proposal, files: dict[str, str]) -> Proposal | None:
+        """The same edits on a newer champion's files, when every SEARCH still matches."""
+        return _rebase_edits(proposal, files, self.editable)
+
     def _prompt(self, context: ResearchContext, repair: RepairRequest | None, max_chars: int) -> Prompt:
         return build_prompt(context, max_chars=max_chars, hardware=self.hardware, repair=repair)
 
@@ -98,7 +102,8 @@ class LLMAgent:
                 problems.append(str(exc).splitlines()[0])
                 messages = [*messages, Message("assistant", completion.text), Message("user", describe_problem(exc))]
                 continue
-            meta = {**usage.as_meta(), "attempts": attempt, "format_errors": problems, "model": completion.model}
+            meta = {**usage.as_meta(), "attempts": attempt, "format_errors": problems, "model": completion.model,
+                    "edits": [{"path": b.path, "search": b.search, "replace": b.replace} for b in reply.blocks]}
             if repair is not None:
                 meta["repair_of"] = repair.failed.id
             return Proposal(description=reply.description, files=changed, rationale=reply.rationale, meta=meta)
@@ -106,6 +111,20 @@ class LLMAgent:
         return Proposal(description=f"(no valid edit after {self.max_attempts} attempts)",
                         error=f"no valid edit after {self.max_attempts} attempts: {last}",
                         meta={**usage.as_meta(), "attempts": self.max_attempts, "format_errors": problems})
+
+
+def _rebase_edits(proposal: Proposal, files: dict[str, str], editable: Callable[[str], bool]) -> Proposal | None:
+    """Re-apply a proposal's SEARCH/REPLACE blocks to other files (a newer champion)."""
+    blocks = [EditBlock(path=e["path"], search=e["search"], replace=e["replace"], index=i + 1)
+              for i, e in enumerate(proposal.meta.get("edits", []))]
+    if not blocks:
+        return None
+    try:
+        changed = apply_edits(files, blocks, editable)
+        _check_compiles(changed)
+    except AgentError:
+        return None
+    return Proposal(description=proposal.description, files=changed, rationale=proposal.rationale, meta=proposal.meta)
 
 
 def _check_compiles(files: dict[str, str]) -> None:

@@ -1,0 +1,184 @@
+"""LLM agents end to end: the real openai and anthropic SDKs against a scripted server on
+127.0.0.1, driving the real loop on a small target program."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from autoresearch.agents import make_agent
+from autoresearch.lab import find_lab
+from autoresearch.ledger import Ledger
+from autoresearch.loop import Loop, RunOptions, ledger_path
+from autoresearch.view import PlainView
+from fake_llm import FakeLLM, Reply, Status
+from test_loop import BENCH, experiments, git, make_target
+
+KEY = "sk-test-0123456789"
+
+
+def edit(old: str, new: str, description: str, path: str = "bench.py") -> str:
+    return (f"DESCRIPTION: {description}\nRATIONALE: because the score rewards it.\n\n{path}\n"
+            f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n")
+
+
+def loop_with(repo: Path, spec: str, server: FakeLLM, tag: str = "llm", **options: object) -> Loop:
+    base_url = server.openai_base_url if spec.startswith("openai:") else server.anthropic_base_url
+    lab = find_lab(repo)
+    agent = make_agent(spec, repo, {"base_url": base_url, "max_retries": 2, "backoff_base": 0.01,
+                                    "prices": {"fake": [10_000.0, 0.0]}},
+                       editable=lab.config.editable, tag=tag)
+    with Ledger(ledger_path(lab)) as ledger:
+        loop = Loop(lab, agent, RunOptions(tag=tag, **options), ledger, PlainView())  # type: ignore[arg-type]
+        loop.run()
+    return loop
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+
+@pytest.mark.parametrize("spec", ["openai:fake", "anthropic:fake"])
+def test_three_experiments_with_each_sdk(tmp_path: Path, keyed: None, spec: str) -> None:
+    repo = make_target(tmp_path)
+    script = [
+        Reply(edit("WIDTH = 10        # an integer knob", "WIDTH = 15        # an integer knob", "WIDTH 10 -> 15")),
+        Reply("I think we should change the rate."),  # malformed: no block, no description
+        Reply(edit("RATE = 0.5        # a float knob", "RATE = 0.25       # a float knob", "RATE 0.5 -> 0.25")),
+        Status(429, "slow down", retry_after=0),
+        Reply(edit("WIDTH = 99", "WIDTH = 16", "SEARCH that does not match")),  # mismatch
+        Reply(edit("WIDTH = 15        # an integer knob", "WIDTH = 17        # an integer knob", "WIDTH 15 -> 17")),
+    ]
+    with FakeLLM(script=script, key=KEY) as server:
+        loop_with(tmp_path / "target", spec, server, max_experiments=3)
+        requests = server.requests
+    rows = experiments(repo, "llm")
+    assert [e.status for e in rows] == ["keep", "keep", "keep", "keep"], [(e.description, e.reason) for e in rows]
+    assert [e.metric for e in rows] == pytest.approx([9.5, 4.5, 2.0, 0.0])
+    assert rows[1].rationale == "because the score rewards it."
+    assert rows[2].meta["attempts"] == 2 and rows[3].meta["attempts"] == 2
+    assert rows[2].cost_usd == pytest.approx(2.0)  # two requests of 100 input tokens at $10,000 per million
+    assert rows[1].input_tokens == 100 and rows[1].output_tokens == 50
+    # what the model saw: the brief's metric, the file, the history; and the precise errors on retry
+    first = json.dumps(requests[0].json)
+    assert "bench.py" in first and "WIDTH = 10" in first and "score" in first
+    retry = json.dumps(requests[2].json)
+    assert "DESCRIPTION" in retry  # the format error was sent back
+    mismatch = json.dumps(requests[5].json)
+    assert "WIDTH = 99" in mismatch or "SEARCH" in mismatch
+    assert git(repo, "rev-parse", "refs/heads/autoresearch/llm") == rows[-1].commit_sha
+
+
+def test_no_valid_edit_is_recorded_as_invalid_without_running(tmp_path: Path, keyed: None) -> None:
+    repo = make_target(tmp_path)
+    noop = edit("WIDTH = 10        # an integer knob", "WIDTH = 10        # an integer knob", "nothing")
+    with FakeLLM(script=[Reply(noop)], key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=1)
+    rows = experiments(repo, "llm")
+    assert [e.status for e in rows] == ["keep", "invalid"]
+    assert "no valid edit after 3 attempts" in (rows[1].reason or "") and rows[1].run_seconds is None
+
+
+def test_api_keys_never_reach_the_experiment(tmp_path: Path, keyed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    dump = tmp_path / "env.json"
+    monkeypatch.setenv("ENV_DUMP", str(dump))
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")
+    monkeypatch.setenv("MY_SECRET_VALUE", "x")
+    bench = BENCH.replace("time.sleep(PAUSE)", "import json, os\njson.dump(dict(os.environ), open(os.environ['ENV_DUMP'], 'w'))")
+    repo = make_target(tmp_path, bench)
+    with FakeLLM(script=[Reply(edit("WIDTH = 10        # an integer knob", "WIDTH = 12        # an integer knob", "w"))],
+                 key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=1)
+    seen = json.loads(dump.read_text())
+    assert "ENV_DUMP" in seen and "PATH" in seen
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "HF_TOKEN", "MY_SECRET_VALUE"):
+        assert name not in seen
+    assert KEY not in dump.read_text()
+    log_text = "".join(p.read_text() for p in (repo / ".autoresearch" / "logs").iterdir())
+    assert KEY not in log_text
+
+
+def test_wrong_key_pauses_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    repo = make_target(tmp_path)
+    toml = repo / "autoresearch.toml"
+    toml.write_text(toml.read_text().replace("[agent]\n", "[agent]\npause_seconds = 0.2\nmax_pause_seconds = 0.4\n"))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short pauses")
+    with FakeLLM(script=[Reply("unused")], key=KEY) as server:
+        loop = loop_with(repo, "openai:fake", server, hours=3 / 3600)
+        tries = len([r for r in server.requests if r.path.endswith("/chat/completions")])
+    assert loop.stop_reason.startswith("reached --hours")
+    assert [e.status for e in experiments(repo, "llm")] == ["keep"]  # nothing recorded for the failed proposals
+    assert 3 <= tries <= 20  # tried again after each pause, not in a tight loop
+
+
+def test_server_down_then_back(tmp_path: Path, keyed: None) -> None:
+    repo = make_target(tmp_path)
+    toml = repo / "autoresearch.toml"
+    toml.write_text(toml.read_text().replace("[agent]\n", "[agent]\npause_seconds = 0.1\n"))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short pauses")
+    good = Reply(edit("WIDTH = 10        # an integer knob", "WIDTH = 14        # an integer knob", "WIDTH 10 -> 14"))
+    with FakeLLM(script=[Status(503, "down")] * 7 + [good], key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=1)
+    rows = experiments(repo, "llm")
+    assert [e.status for e in rows] == ["keep", "keep"] and rows[1].metric == pytest.approx(5.5)
+
+
+def test_crash_is_repaired_by_the_agent(tmp_path: Path, keyed: None) -> None:
+    repo = make_target(tmp_path)
+    broken = edit('print("---")', 'print("---")\nprint(1 / 0)', "print more")
+    fix = edit("print(1 / 0)", "print(1 / 1)", "fix the division")
+    other = edit("WIDTH = 10        # an integer knob", "WIDTH = 11        # an integer knob", "prepared meanwhile")
+    with FakeLLM(script=[Reply(broken), Reply(other), Reply(fix)], key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=2)
+        repair_prompt = json.dumps(server.requests[-1].json)
+    rows = experiments(repo, "llm")
+    assert [e.status for e in rows] == ["keep", "crash", "discard"]
+    assert rows[2].repair_of == rows[1].id
+    assert "ZeroDivisionError" in repair_prompt  # the log tail reached the agent
+
+
+def test_max_cost_stops_the_run(tmp_path: Path, keyed: None) -> None:
+    repo = make_target(tmp_path)
+    replies = [Reply(edit("WIDTH = 10        # an integer knob", f"WIDTH = {w}        # an integer knob", f"WIDTH {w}"))
+               for w in (11, 12, 13, 14, 15)]
+    with FakeLLM(script=replies, key=KEY) as server:
+        loop = loop_with(repo, "openai:fake", server, max_cost=2.5)
+    rows = experiments(repo, "llm")
+    assert loop.stop_reason.startswith("reached --max-cost $2.5")
+    assert sum(e.cost_usd or 0 for e in rows) >= 2.5 and len(rows) <= 5
+
+
+def test_proposals_are_prepared_while_the_experiment_runs(tmp_path: Path, keyed: None) -> None:
+    from fake_llm import Delay
+
+    slow = BENCH.replace("PAUSE = 0.0 ", "PAUSE = 1.5 ")
+    repo = make_target(tmp_path, slow)
+    replies = [Delay(1.0, then=Reply(edit("RATE = 0.5        # a float knob", f"RATE = 0.{r}        # a float knob",
+                                          f"RATE 0.{r}"))) for r in (6, 7, 8, 9)]
+    with FakeLLM(script=replies, key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=4)
+    rows = experiments(repo, "llm")[1:]
+    assert len(rows) == 4 and all(e.status == "discard" for e in rows)
+    assert all(e.propose_seconds and e.propose_seconds >= 1.0 for e in rows)
+    # the first proposal could not be prepared ahead (the baseline has no champion yet); the rest were
+    assert rows[0].wait_seconds >= 1.0
+    assert all(e.wait_seconds < 0.5 for e in rows[1:]), [e.wait_seconds for e in rows]
+
+
+def test_missing_key_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from autoresearch.cli import main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    repo = make_target(tmp_path)
+    monkeypatch.chdir(repo)
+    assert main(["run", "--agent", "openai:gpt-test", "--plain", "--max-experiments", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: OPENAI_API_KEY is not set") and "\n" not in err.strip()
+    assert not os.path.exists(repo / ".autoresearch" / "ledger.db") or experiments(repo, "llm") == []

@@ -1,0 +1,281 @@
+"""The lab template's train.py as a library: model, loss, attention, optimizer, schedule.
+
+train.py is imported as a module with a stand-in `prepare` (the real one needs a prepared lab),
+which also proves that importing it does not train.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+TRAIN_PY = Path(__file__).resolve().parent.parent / "src" / "autoresearch" / "template" / "train.py"
+CALLS: list[str] = []
+
+
+def _stub_prepare() -> types.ModuleType:
+    """A `prepare` module with the names train.py imports; every entry point records its call."""
+    mod = types.ModuleType("prepare")
+
+    def record(name):
+        def fn(*args, **kwargs):
+            CALLS.append(name)
+            raise AssertionError(f"prepare.{name} called at import time")
+        return fn
+
+    class Tokenizer:
+        from_directory = staticmethod(record("Tokenizer.from_directory"))
+
+    mod.MAX_SEQ_LEN = 64
+    mod.TIME_BUDGET = 1.0
+    mod.Tokenizer = Tokenizer
+    mod.make_dataloader = record("make_dataloader")
+    mod.evaluate_bpb = record("evaluate_bpb")
+    mod.get_token_bytes = record("get_token_bytes")
+    mod.detect_device = record("detect_device")
+    mod.peak_flops = record("peak_flops")
+    return mod
+
+
+@pytest.fixture(scope="module")
+def train():
+    saved = sys.modules.get("prepare")
+    sys.modules["prepare"] = _stub_prepare()
+    try:
+        spec = importlib.util.spec_from_file_location("template_train", TRAIN_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("prepare", None)
+        else:
+            sys.modules["prepare"] = saved
+    return module
+
+
+def make_model(train, *, T=32, V=97, depth=2, dim=64, heads=2, pattern="L", chunk=0, seed=0):
+    torch.manual_seed(seed)
+    config = train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=depth, n_head=heads, n_kv_head=heads,
+                             n_embd=dim, window_pattern=pattern, loss_chunk=chunk)
+    model = train.GPT(config)
+    model.init_weights()
+    # the init zeroes output projections and the value-embedding gates; randomise them so every
+    # path carries signal in the tests below
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2 and not p.any():
+                p.normal_(std=0.05)
+    return model
+
+
+def test_import_does_not_train(train):
+    assert CALLS == []
+    assert hasattr(train, "GPT") and hasattr(train, "MuonAdamW")
+
+
+def test_hyperparameters_are_literals_in_one_section():
+    """The search agent rewrites `NAME = literal` in place: every capitalised constant must parse
+    with ast.literal_eval, and the preset names must be there."""
+    tree = ast.parse(TRAIN_PY.read_text())
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper() and name not in ("POLAR_EXPRESS", "FLASH_ATTN_3", "T_START"):
+                constants[name] = ast.literal_eval(node.value)
+    for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE",
+                 "EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "ADAM_BETAS",
+                 "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"):
+        assert name in constants, name
+    assert constants["TOTAL_BATCH_SIZE"] % constants["DEVICE_BATCH_SIZE"] == 0
+
+
+def test_forward_reductions(train):
+    model = make_model(train)
+    x = torch.randint(0, 97, (3, 32))
+    y = torch.randint(0, 97, (3, 32))
+    per_token = model(x, y, reduction="none")
+    assert per_token.numel() == 3 * 32 and per_token.dtype == torch.float32
+    mean = model(x, y)
+    assert mean.ndim == 0
+    torch.testing.assert_close(mean, per_token.mean())
+    logits = model(x)
+    assert logits.shape == (3, 32, 97)
+    assert logits.abs().max() <= model.config.softcap
+    torch.testing.assert_close(per_token, F.cross_entropy(logits.view(-1, 97), y.view(-1), reduction="none"))
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 1000])
+def test_chunked_loss_matches_plain_loss_and_gradients(train, chunk):
+    plain = make_model(train, chunk=0)
+    fused = make_model(train, chunk=chunk)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 97, (3, 32))
+    y = torch.randint(0, 97, (3, 32))
+    y[0, :5] = -1  # ignored targets
+    torch.testing.assert_close(fused(x, y, reduction="none"), plain(x, y, reduction="none"), rtol=1e-5, atol=1e-5)
+    for model in (plain, fused):
+        model(x, y).backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_close_to_fp32(train):
+    model = make_model(train, chunk=16)
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.randint(0, 97, (2, 32))
+    exact = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = model(x, y)
+        approx.backward()
+    assert approx.dtype == torch.float32
+    assert abs(approx.item() - exact.item()) < 0.05
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL", "SSSL"])
+def test_causal(train, pattern):
+    """Changing tokens after position t leaves the losses at positions <= t unchanged."""
+    model = make_model(train, depth=4, pattern=pattern)
+    x = torch.randint(0, 97, (2, 32))
+    y = torch.randint(0, 97, (2, 32))
+    before = model(x, y, reduction="none").view(2, 32)
+    t = 20
+    x2, y2 = x.clone(), y.clone()
+    x2[:, t + 1 :] = torch.randint(0, 97, (2, 32 - t - 1))
+    y2[:, t + 1 :] = torch.randint(0, 97, (2, 32 - t - 1))
+    after = model(x2, y2, reduction="none").view(2, 32)
+    torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1])
+    assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :])
+
+
+def reference_attention(q, k, v, window):
+    # (B, T, H, D) in, naive softmax attention with an explicit causal window
+    T = q.size(1)
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    allowed = (j <= i) & (i - j < window)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / q.size(-1) ** 0.5
+    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 32])
+def test_attention_matches_reference_with_gradients(train, window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 32, 2, 8, requires_grad=True) for _ in range(3))
+    out = train.attention(q, k, v, window)
+    ref = reference_attention(q, k, v, window)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_path_matches_matmul_path(train, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 32, 2, 8) for _ in range(3))
+    fast = train.attention(q, k, v, 12)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=train.window_mask(32, 12, q.device)).transpose(1, 2)
+    torch.testing.assert_close(fast, sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_hides_old_tokens(train):
+    """In a windowed layer, a key further back than the window has no influence; one inside does."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 8) for _ in range(3))
+    window, i = 8, 20
+    out = train.attention(q, k, v, window)
+    far, near = i - window, i - window + 1  # far is just outside, near just inside
+    for j, should_change in ((far, False), (near, True)):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, j] += 3.0
+        v2[:, j] += 3.0
+        changed = not torch.allclose(train.attention(q, k2, v2, window)[:, i], out[:, i])
+        assert changed == should_change, j
+
+
+def test_window_sizes(train):
+    config = train.GPTConfig(sequence_len=64, n_layer=6, window_pattern="SSL")
+    assert train.GPT.compute_window_sizes(config) == [32, 32, 64, 32, 32, 64]
+    config = train.GPTConfig(sequence_len=64, n_layer=3, window_pattern="S")
+    assert train.GPT.compute_window_sizes(config) == [32, 32, 64]  # the last layer is always long
+    with pytest.raises(AssertionError):
+        train.GPT.compute_window_sizes(train.GPTConfig(window_pattern="SXL"))
+
+
+def test_param_count_and_flops(train):
+    model = make_model(train, T=32, V=97, depth=3, dim=64, heads=2)
+    d, V, L = 64, 97, 3
+    n_ve = 2  # layers 0 and 2 of 3 carry value embeddings
+    blocks = L * (4 * d * d + 8 * d * d) + n_ve * 32 * 2  # attention + MLP matrices, ve gates
+    expected = V * d + V * d + n_ve * V * d + blocks + 2 * L
+    assert model.num_params() == expected
+    assert model.estimate_flops() == 6 * (blocks + V * d) + L * 12 * d * 32
+
+
+def test_training_reduces_loss_on_a_fixed_batch(train):
+    model = make_model(train, chunk=16, seed=1)
+    model.init_weights()
+    optimizer = train.build_optimizer(model, 64)
+    kinds = {g["kind"] for g in optimizer.param_groups}
+    assert kinds == {"adamw", "muon"}
+    x = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for _ in range(12):
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_orthogonalize_flattens_the_spectrum(train):
+    torch.manual_seed(0)
+    spread = torch.diag(torch.logspace(-2, 0, 16))  # singular values over two decades
+    for g in (torch.randn(3, 64, 16) @ spread, spread @ torch.randn(3, 16, 64)):
+        s = torch.linalg.svdvals(train.orthogonalize(g).float())
+        shape = tuple(g.shape)
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
+
+
+def test_schedules(train, monkeypatch):
+    monkeypatch.setattr(train, "WARMUP_RATIO", 0.1)
+    monkeypatch.setattr(train, "WARMDOWN_RATIO", 0.5)
+    monkeypatch.setattr(train, "FINAL_LR_FRAC", 0.1)
+    assert train.lr_multiplier(0.0) == 0.0
+    assert train.lr_multiplier(0.05) == pytest.approx(0.5)
+    assert train.lr_multiplier(0.3) == 1.0
+    assert train.lr_multiplier(0.75) == pytest.approx(0.55)
+    assert train.lr_multiplier(1.0) == pytest.approx(0.1)
+    monkeypatch.setattr(train, "MUON_MOMENTUM", (0.85, 0.95))
+    monkeypatch.setattr(train, "MUON_WARMUP_RATIO", 0.2)
+    assert train.muon_momentum(0.0) == pytest.approx(0.85)
+    assert train.muon_momentum(0.1) == pytest.approx(0.90)
+    assert train.muon_momentum(0.9) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 101.0, float("inf")])
+def test_fast_fail(train, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        train.check_loss(value)
+    assert exc.value.code == 1
+    assert capsys.readouterr().out.strip() == "FAIL"
+
+
+def test_healthy_loss_passes(train, capsys):
+    train.check_loss(4.2)
+    assert capsys.readouterr().out == ""
