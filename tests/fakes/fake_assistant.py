@@ -6,7 +6,8 @@ the champion), reads the prompt from stdin, edits train.py and answers in the re
 
 FAKE_MODE: good (default) | frozen (also edits prepare.py) | newfile (also adds helpers.py) |
            noop (edits nothing) | hang (ignores SIGTERM, leaves a child, sleeps) | auth (exit 1, login error) |
-           overloaded (an error reply in the real format, exit 1) | notice (codex: a recovered error event)
+           overloaded (an error reply in the real format, exit 1) | notice (codex: a recovered error event) |
+           lab (a real lab's train.py: scales MATRIX_LR by a factor that differs on every call)
 FAKE_RECORD: a directory where the argv, the prompt and child pids are written.
 FAKE_FORBIDDEN: the person's checkout; running there is an error.
 """
@@ -111,9 +112,20 @@ def main() -> None:
         time.sleep(600)
     train = Path("train.py")
     source = train.read_text()
-    if "LR = 0.1\n" not in source or Path("helpers.py").exists():
+    if mode == "lab":
+        import re
+
+        calls = len(list(record.glob("call-*"))) if record is not None else 0
+        if record is not None:
+            (record / f"call-{calls}").write_text("")
+        match = re.search(r"^MATRIX_LR = ([0-9.e-]+)", source, re.M)
+        if match is None:
+            fail("no MATRIX_LR in train.py")
+        new = float(match.group(1)) * (1.0 + 0.25 * (calls + 1))
+        train.write_text(source[:match.start(1)] + f"{new:.4g}" + source[match.end(1):])
+    elif "LR = 0.1\n" not in source or Path("helpers.py").exists():
         fail("the working directory is not the champion")
-    if mode != "noop":
+    if mode not in ("noop", "lab"):
         train.write_text(source.replace("LR = 0.1\n", "LR = 0.2\n"))
     if mode == "frozen":
         Path("prepare.py").write_text(Path("prepare.py").read_text() + "EVAL_TOKENS = 1\n")

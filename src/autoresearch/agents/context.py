@@ -144,8 +144,8 @@ Rules:
 - No new dependencies: use only what the code already imports and the Python standard library.
 - Do not touch the evaluation, the validation data, the time budget, or how the metric is computed or
   reported. Attempts are detected and void the experiment.
-- Start from the champion's code as shown. Do not repeat an experiment from the history unless you
-  change what made it fail.
+- Your blocks apply to the code exactly as shown in the prompt. Do not repeat an experiment from the
+  history unless you change what made it fail.
 - Simplicity wins ties: the same result with less code is better.
 
 Reply in exactly this format:
