@@ -237,8 +237,10 @@ class Loop:
                 return f"reached --max-cost ${self.options.max_cost:g} (spent ${spent:.2f})"
         return ""
 
-    def context(self) -> ResearchContext:
+    def context(self, start: str | None = None) -> ResearchContext:
+        """What the agent sees. `start` stands in for the champion while the baseline still runs."""
         commit, metric = self.champion()
+        commit = commit or start
         assert commit is not None
         files = {p: (self.git.show(commit, p) or b"").decode("utf-8", errors="replace")
                  for p in self.git.ls_files(commit) if matches(p, self.config.editable)}
@@ -306,16 +308,17 @@ class Loop:
             return None
         raise exc
 
-    def _start_prefetch(self) -> None:
-        """Ask a slow agent for the next proposal while the current experiment runs."""
+    def _start_prefetch(self, running: Experiment) -> None:
+        """Ask a slow agent for the next proposal while the current experiment runs (the baseline
+        included: it runs the code the first proposal starts from)."""
         if not getattr(self.agent, "slow", False) or self._prefetch is not None or self._stop_requested:
             return
         done = sum(1 for e in self.ledger.experiments(self.tag) if e.kind == "experiment")
         if self.options.max_experiments is not None and done >= self.options.max_experiments:
             return  # this is the last experiment: a proposal now would be wasted
-        if self.champion()[0] is None:
+        if self.champion()[0] is None and running.kind != "baseline":
             return
-        self._prefetch = _Prefetch(self.agent, self.context())
+        self._prefetch = _Prefetch(self.agent, self.context(start=running.commit_sha))
 
     def _rebase(self, proposal: Proposal, old: str, new: str) -> Proposal | None:
         """A proposal prepared against the previous champion, moved onto the new one: by the agent
@@ -431,8 +434,7 @@ class Loop:
             e = self.ledger.get(eid)
             limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
             self.view.started(e, limit)
-            if e.kind == "experiment":
-                self._start_prefetch()
+            self._start_prefetch(e)
             spec = runner_mod.RunSpec(
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
