@@ -37,7 +37,7 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_target(tmp_path: Path, bench: str = BENCH) -> Path:
+def make_target(tmp_path: Path, bench: str = BENCH, judge: str = "strict") -> Path:
     repo = tmp_path / "target"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
@@ -48,6 +48,10 @@ def make_target(tmp_path: Path, bench: str = BENCH) -> Path:
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=repo, check=True)
     init_target(repo, run="python bench.py", editable=["bench.py", "extra/*.py"], metric="score",
                 direction="min", budget=5, frozen=["data.txt"])
+    if judge != "noise":  # the toy target is deterministic: most tests check the plain ratchet
+        toml = repo / "autoresearch.toml"
+        toml.write_text(toml.read_text().replace('mode = "noise"', f'mode = "{judge}"'))
+        git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", f"judge: {judge}")
     return repo
 
 

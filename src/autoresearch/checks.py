@@ -68,3 +68,10 @@ def lines_changed(patch: str) -> int:
     return sum(1 for line in patch.splitlines()
                if (line.startswith("+") and not line.startswith("+++"))
                or (line.startswith("-") and not line.startswith("---")))
+
+
+def net_lines(patch: str) -> int:
+    """Added minus removed lines: negative when a change makes the code shorter."""
+    added = sum(1 for line in patch.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    removed = sum(1 for line in patch.splitlines() if line.startswith("-") and not line.startswith("---"))
+    return added - removed

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .judge import JudgeConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +67,7 @@ class LabConfig:
     repair_attempts: int = 2  # tries an agent gets to fix its own crashed change
     pause_seconds: float = 30.0  # first pause when the agent's service is down; doubles each time
     max_pause_seconds: float = 600.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # [judge]: noise-aware keep/discard
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -127,6 +129,20 @@ def parse_config(text: str, root: Path) -> LabConfig:
         if task.vocab_size < 260:
             raise ConfigError(f"{CONFIG_NAME}: [task] `vocab_size` must be at least 260 (256 bytes + 4 special tokens)")
     agent_t = dict(_get(data, "agent", dict, "agent", {}))
+    judge_t = _get(data, "judge", dict, "judge", {})
+    unknown = sorted(set(judge_t) - {"mode", "k", "repeats", "confirmations", "remeasure_every"})
+    if unknown:
+        raise ConfigError(f"{CONFIG_NAME}: [judge] has unknown key(s) {', '.join(unknown)}",
+                          "known: mode, k, repeats, confirmations, remeasure_every")
+    judge = JudgeConfig(
+        mode=_get(judge_t, "mode", str, "judge", "noise"), k=_get(judge_t, "k", float, "judge", 2.0),
+        repeats=_get(judge_t, "repeats", int, "judge", 4), confirmations=_get(judge_t, "confirmations", int, "judge", 2),
+        remeasure_every=_get(judge_t, "remeasure_every", int, "judge", 10),
+    )
+    if judge.mode not in ("noise", "strict") or judge.k <= 0 or judge.repeats < 1 or judge.confirmations < 0 \
+            or judge.remeasure_every < 0:
+        raise ConfigError(f"{CONFIG_NAME}: [judge] needs mode \"noise\" or \"strict\", k > 0, repeats >= 1, "
+                          "confirmations >= 0, remeasure_every >= 0 (0: never)")
     memory = _get(lab, "memory_limit_gb", float, "lab", None)
     return LabConfig(
         root=root,
@@ -147,6 +163,7 @@ def parse_config(text: str, root: Path) -> LabConfig:
         repair_attempts=_get(agent_t, "repair_attempts", int, "agent", 2),
         pause_seconds=_get(agent_t, "pause_seconds", float, "agent", 30.0),
         max_pause_seconds=_get(agent_t, "max_pause_seconds", float, "agent", 600.0),
+        judge=judge,
     )
 
 
@@ -182,6 +199,13 @@ def render_config(
         "",
         "[agent]",
         'name = "hparam"                # default for `autoresearch run`; override with --agent',
+        "",
+        "[judge]",
+        'mode = "noise"                 # keep only gains beyond run-to-run noise ("strict": any gain)',
+        "k = 2                          # standard errors a gain must exceed",
+        "repeats = 4                    # baseline runs that measure the noise",
+        "confirmations = 2              # extra runs for a borderline gain",
+        "remeasure_every = 10           # re-run the champion every this many experiments",
         "",
         "[metric]",
         f'name = "{metric.name}"',

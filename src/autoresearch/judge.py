@@ -36,3 +36,63 @@ class StrictJudge:
         if gain > 0:
             return Decision(True, f"better by {gain:.6g}")
         return Decision(False, "not better" if gain < 0 else "equal to the champion")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """[judge] in autoresearch.toml."""
+
+    mode: str = "noise"  # "noise": keep only gains beyond run-to-run noise; "strict": keep anything lower
+    k: float = 2.0  # a gain must exceed k standard errors of the difference
+    repeats: int = 4  # runs of the baseline, to measure the noise before the first decision (see NOTES.md)
+    confirmations: int = 2  # extra runs a borderline candidate may get (gain between 1 and k standard errors)
+    remeasure_every: int = 10  # experiments between re-runs of the champion (drift, lucky winners)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # "keep", "discard" or "confirm" (run the candidate again, then decide)
+    reason: str
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def pooled_sigma(groups: list[list[float]]) -> float | None:
+    """Run-to-run standard deviation, pooled over every group of repeated runs of one commit
+    (each group's own mean removed, so real differences between commits do not count as noise)."""
+    squares, dof = 0.0, 0
+    for runs in groups:
+        if len(runs) >= 2:
+            m = mean(runs)
+            squares += sum((x - m) ** 2 for x in runs)
+            dof += len(runs) - 1
+    return math.sqrt(squares / dof) if dof else None
+
+
+def verdict(candidate: list[float], champion: list[float], sigma: float | None, direction: str, k: float,
+            confirmations_left: int, simpler: bool) -> Verdict:
+    """Keep, discard, or run again. The gain of the means must exceed k times the larger of sigma
+    and the standard error of the difference, sigma * sqrt(1/n + 1/m); a gain between one standard
+    error and that bar earns a confirmation run. With no noise estimate yet (a single run), this is
+    the strict rule."""
+    gain = improvement(mean(candidate), mean(champion), direction)
+    if sigma is None:
+        return Verdict("keep", f"better by {gain:.6g} (no noise estimate yet)") if gain > 0 else \
+            Verdict("discard", "not better")
+    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(champion))
+    # Never below k·σ: confirmation runs sharpen the estimate of the mean, but a gain smaller than the
+    # noise of one run is not worth a commit (and a looser bar after each confirmation would let
+    # borderline no-ops through by repeated chances).
+    bar = k * max(se, sigma)
+    runs = f"{len(candidate)} run{'s' if len(candidate) > 1 else ''}"
+    if gain > bar:
+        return Verdict("keep", f"better by {gain:.6g} > {bar:.3g} (σ {sigma:.3g}, {runs})")
+    if gain > se and confirmations_left > 0:
+        return Verdict("confirm", f"gain {gain:.6g} is between 1 and {k:g} standard errors: confirming")
+    if simpler and gain > -se:
+        return Verdict("keep", f"as good within noise ({gain:+.6g}, σ {sigma:.3g}) and simpler")
+    if gain > 0:
+        return Verdict("discard", f"gain {gain:.6g} is within the noise (needs > {bar:.3g}, {runs})")
+    return Verdict("discard", "not better" if gain < -se else f"no gain beyond noise ({gain:+.6g})")

@@ -19,8 +19,8 @@ from typing import Any
 
 from .errors import AutoresearchError
 
-STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invalid", "killed")
-FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed")
+STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invalid", "killed", "measured")
+FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed", "measured")  # measured: a repeat run
 
 
 class LedgerError(AutoresearchError):
@@ -85,7 +85,19 @@ def m003_agents(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE experiments ADD COLUMN wait_seconds REAL")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents]
+def m004_trust(db: sqlite3.Connection) -> None:
+    """Noise-aware judging and trusted evaluation: repeated runs linked to what they repeat, the
+    noise estimate at decision time, the held-out test metric of champions, the value the run printed
+    (kept beside the trusted one), training seconds measured from outside, and the sandbox in force."""
+    db.execute("ALTER TABLE experiments ADD COLUMN repeat_of INTEGER REFERENCES experiments(id)")
+    db.execute("ALTER TABLE experiments ADD COLUMN sigma REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN test_metric REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN printed_metric REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN handoff_seconds REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN sandbox TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents, m004_trust]
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,12 @@ class Experiment:
     cost_usd: float | None = None
     repair_of: int | None = None
     wait_seconds: float | None = None
+    repeat_of: int | None = None
+    sigma: float | None = None
+    test_metric: float | None = None
+    printed_metric: float | None = None
+    handoff_seconds: float | None = None
+    sandbox: str | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -269,7 +287,7 @@ class Ledger:
         """
         lines = ["commit\tval_bpb\tmemory_gb\tstatus\tdescription"]
         for e in self.experiments(tag):
-            if e.status not in FINAL:
+            if e.status not in FINAL or e.kind == "repeat":  # repeats are measurements, not experiments
                 continue
             metric = e.metric if e.metric is not None and e.status in ("keep", "discard") else 0.0
             memory = e.memory_gb if e.memory_gb is not None and e.status in ("keep", "discard") else 0.0

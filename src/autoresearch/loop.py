@@ -24,10 +24,10 @@ from typing import Any
 
 from . import runner as runner_mod
 from .agents.base import Agent, Proposal, ResearchContext
-from .checks import check_change, frozen_hashes, lines_changed, matches, patch_hash
+from .checks import check_change, frozen_hashes, lines_changed, matches, net_lines, patch_hash
 from .errors import AgentUnavailable, AutoresearchError
 from .gitrepo import Git
-from .judge import Judge, StrictJudge
+from .judge import mean, pooled_sigma, verdict
 from .lab import Lab
 from .ledger import Experiment, Ledger
 from .view import View
@@ -69,10 +69,8 @@ def default_tag(lab: Lab) -> str:
 class Loop:
     """One `autoresearch run`: owns the ledger's writes for its tag."""
 
-    def __init__(self, lab: Lab, agent: Agent, options: RunOptions, ledger: Ledger, view: View,
-                 judge: Judge | None = None) -> None:
+    def __init__(self, lab: Lab, agent: Agent, options: RunOptions, ledger: Ledger, view: View) -> None:
         self.lab, self.agent, self.options, self.ledger, self.view = lab, agent, options, ledger, view
-        self.judge = judge or StrictJudge()
         self.config = lab.config
         self.git = Git(lab.root)
         self.tag = options.tag
@@ -108,6 +106,7 @@ class Loop:
                 self._check_baseline(self._execute(e.id))
             if self._baseline() is None:
                 self._run_baseline()
+            self._measure_baseline()
             while not self.stop_reason:
                 self.stop_reason = self._limit_reached(started)
                 if self.stop_reason:
@@ -125,11 +124,30 @@ class Loop:
         return self.stop_reason
 
     def champion(self) -> tuple[str | None, float | None]:
-        """(commit, metric) of the latest kept experiment of this tag."""
-        kept = [e for e in self.ledger.experiments(self.tag) if e.status == "keep"]
-        if not kept:
+        """(commit, metric) of the latest kept experiment of this tag; the metric is the mean of all
+        its runs (repeats included)."""
+        row = self._champion_row()
+        if row is None:
             return None, None
-        return kept[-1].commit_sha, kept[-1].metric
+        runs = self._runs_of(row)
+        return row.commit_sha, (mean(runs) if runs else row.metric)
+
+    def _champion_row(self) -> Experiment | None:
+        kept = [e for e in self.ledger.experiments(self.tag) if e.status == "keep"]
+        return kept[-1] if kept else None
+
+    def _runs_of(self, e: Experiment, history: list[Experiment] | None = None) -> list[float]:
+        """The metric of `e` and of every successful repeat of it."""
+        history = history if history is not None else self.ledger.experiments(self.tag)
+        own = [e.metric] if e.metric is not None and e.outcome == "ok" else []
+        return own + [x.metric for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
+
+    def _sigma(self) -> float | None:
+        """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""
+        if self.config.judge.mode != "noise":
+            return None
+        history = self.ledger.experiments(self.tag)
+        return pooled_sigma([self._runs_of(e, history) for e in history if e.kind != "repeat"])
 
     # -- setup and recovery -----------------------------------------------------------------
 
@@ -216,6 +234,27 @@ class Loop:
                               lines_changed=0)
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), start)
         self._check_baseline(self._execute(eid))
+        self._measure_baseline()
+
+    def _measure_baseline(self) -> None:
+        """Run the baseline `repeats` times in all, so the noise is known before the first decision."""
+        base = self._baseline()
+        if base is None:
+            return
+        while len(self._runs_of(base)) < self.config.judge.repeats and self.config.judge.mode == "noise":
+            attempts = [e for e in self.ledger.experiments(self.tag) if e.repeat_of == base.id]
+            if len(attempts) >= 2 * self.config.judge.repeats:  # repeats keep crashing: go on without them
+                break
+            self._repeat(base)
+
+    def _repeat(self, of: Experiment) -> Experiment:
+        """Run an experiment's commit again; the new row is linked to it and decides nothing itself."""
+        eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="repeat", repeat_of=of.id,
+                              parent_commit=of.parent_commit, commit_sha=of.commit_sha, agent=of.agent,
+                              description=f"repeat of #{of.id}: {of.description}", status="running", lines_changed=0)
+        assert of.commit_sha is not None
+        self.git.update_ref(EXPERIMENT_REF.format(id=eid), of.commit_sha)
+        return self._execute(eid)
 
     def _check_baseline(self, e: Experiment) -> None:
         if e.kind == "baseline" and e.status != "keep":
@@ -255,6 +294,7 @@ class Loop:
         )
 
     def _one_experiment(self) -> None:
+        self._remeasure_champion()
         context = self.context()
         got = self._next_proposal(context)
         if got is None:
@@ -263,6 +303,20 @@ class Loop:
         e = self._record(proposal, context, propose_seconds, wait_seconds)
         if e.status == "running":
             self._repair(self._execute(e.id))
+
+    def _remeasure_champion(self) -> None:
+        """Every `remeasure_every` experiments, run the champion again: a lucky winner regresses to
+        its mean, and drift of the machine shows up in the noise estimate."""
+        every = self.config.judge.remeasure_every
+        champ = self._champion_row()
+        if not every or self.config.judge.mode != "noise" or champ is None:
+            return
+        history = self.ledger.experiments(self.tag)
+        last = max([champ.id] + [x.id for x in history if x.repeat_of == champ.id])
+        since = sum(1 for x in history if x.kind == "experiment" and x.id > last)
+        if since >= every:
+            self.view.message(f"re-measuring the champion #{champ.id} after {since} experiments")
+            self._repeat(champ)
 
     # -- getting a proposal: prepared ahead, paused when the agent's service is down -----------
 
@@ -383,6 +437,8 @@ class Loop:
         champion = context.champion_commit
         self.wt.reset_to(champion)
         reason = proposal.error or self._apply(proposal)
+        if reason:
+            self.wt.reset_to(champion)  # nothing half-applied (or conflict-marked) gets committed
         patch = self.wt.diff_head()
         changed = self.wt.run("diff", "--cached", "--name-only", "HEAD").splitlines()
         if reason is None:
@@ -410,6 +466,8 @@ class Loop:
         """Put the proposal into the worktree; the reason when it cannot be applied."""
         if proposal.patch is not None:
             error = self.wt.apply(proposal.patch)
+            if error and self.wt.apply(proposal.patch, three_way=True) is None:
+                return None  # written against an older champion, merged cleanly onto this one
             return f"patch does not apply: {error.splitlines()[0]}" if error else None
         root = self.worktree.resolve()
         for path, content in proposal.files.items():
@@ -423,6 +481,30 @@ class Loop:
     def _execute(self, eid: int) -> Experiment:
         """Run experiment `eid` (already committed) and judge it. Resumable: a row that already has
         its outcome is only judged; one without is run (again)."""
+        e = self._run(eid)
+        return self._finish_repeat(e) if e.kind == "repeat" else self._judge(e)
+
+    def _finish_repeat(self, e: Experiment) -> Experiment:
+        status, reason = "measured", None
+        if e.outcome != "ok" or e.metric is None:
+            status, reason = self._failure(e)
+        self.ledger.update(e.id, status=status, reason=reason, finished_at=time.time())
+        e = self.ledger.get(e.id)
+        self.view.finished(e, self.champion()[1])
+        return e
+
+    def _failure(self, e: Experiment) -> tuple[str, str | None]:
+        """Status and reason of a run that produced no usable metric."""
+        if e.outcome != "ok":
+            reason = e.reason
+            label = OUTCOME_LABEL.get(e.outcome or "")
+            if label and not (reason or "").startswith(label):
+                reason = f"{label}: {reason}" if reason else label
+            return CRASH_STATUS.get(e.outcome or "crash", "crash"), reason
+        return "crash", f"the run printed no {self.config.metric.name}"
+
+    def _run(self, eid: int) -> Experiment:
+        """Run `eid` unless its outcome is already recorded; returns the row with outcome and metric."""
         e = self.ledger.get(eid)
         if e.outcome is None:
             assert e.commit_sha is not None
@@ -459,7 +541,7 @@ class Loop:
                 reason=result.error,
             )
             e = self.ledger.get(eid)
-        return self._judge(e)
+        return e
 
     def _metric(self, result: runner_mod.RunResult) -> float | None:
         name = self.config.metric.name
@@ -480,22 +562,29 @@ class Loop:
         return number if math.isfinite(number) else None
 
     def _judge(self, e: Experiment) -> Experiment:
+        """Keep or discard. Borderline gains earn confirmation runs; the decision uses the means."""
+        champ = self._champion_row()
         commit, champion_metric = self.champion()
-        status, reason = "discard", e.reason
-        if e.outcome != "ok":
-            status = CRASH_STATUS.get(e.outcome or "crash", "crash")
-            label = OUTCOME_LABEL.get(e.outcome or "")
-            if label and not (reason or "").startswith(label):
-                reason = f"{label}: {reason}" if reason else label
-        elif e.metric is None:
-            status, reason = "crash", f"the run printed no {self.config.metric.name}"
+        sigma = None
+        if e.outcome != "ok" or e.metric is None:
+            status, reason = self._failure(e)
         elif e.kind == "baseline":
             status, reason = "keep", "baseline"
         else:
-            assert champion_metric is not None
-            decision = self.judge.decide(e.metric, champion_metric, self.config.metric.direction)
-            status, reason = ("keep" if decision.keep else "discard"), decision.reason
-        self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric,
+            assert champ is not None and champion_metric is not None
+            jc = self.config.judge
+            simpler = net_lines(e.patch or "") < 0
+            while True:
+                sigma = self._sigma()
+                runs = self._runs_of(e)
+                v = verdict(runs, self._runs_of(champ), sigma, self.config.metric.direction, jc.k,
+                            jc.confirmations - (len(runs) - 1), simpler)
+                if v.action != "confirm":
+                    break
+                self.view.message(f"#{e.id}: {v.reason}")
+                self._repeat(e)
+            status, reason = v.action, v.reason
+        self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric, sigma=sigma,
                            finished_at=time.time())
         e = self.ledger.get(e.id)
         if status == "keep" and e.kind != "baseline":

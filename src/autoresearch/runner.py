@@ -5,12 +5,18 @@ At the limit, and whenever the main process exits, the whole tree is ended: the 
 every descendant seen while running (one that called setsid or outlived its parent goes too). Secrets
 are scrubbed from the environment; output goes to a capped log that keeps its head and its tail; the
 outcome is classified from the exit status, the signals and the log. POSIX only (Linux, macOS).
+
+A run can be sandboxed (see sandbox.py), and can hand its trained model to a trusted evaluator: it
+writes the model into the handoff directory and then a file named `ready`; the runner notices `ready`,
+times it from outside and calls the evaluator in a thread while the run waits for `result.json`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import json
+import math
 import os
 import re
 import resource
@@ -19,6 +25,7 @@ import shlex
 import signal as signals
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -30,6 +37,7 @@ from typing import Literal
 import psutil
 
 from .config import SECRET_PATTERNS
+from .sandbox import MODES, Confinement, Mode, SandboxUnavailable, confine
 
 Outcome = Literal["ok", "crash", "timeout", "oom", "nan", "killed"]
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = SECRET_PATTERNS
@@ -46,6 +54,8 @@ _NAN_LOSS = re.compile(r"(?<![a-z])loss(?:[\s:=]+(?:is|was|became|has become|val
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit|Iteration)(?::\s.*)?$")
 _KEY_VALUE = re.compile(r"([A-Za-z_][\w.\-/]*)\s*:\s*(.*)$")
 _DASHES = re.compile(rb"^---[ \t\r]*$", re.M)
+_HANDOFF_POLL = 0.1  # seconds between looks for `<handoff_dir>/ready`: the resolution of handoff_seconds
+READY, RESULT = "ready", "result.json"  # the files of the handoff protocol
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,15 @@ class RunSpec:
     grace_seconds: float = 3.0  # between SIGTERM and SIGKILL
     tick_seconds: float = 0.5
     sample_seconds: float = 0.25  # how often the tree's memory is sampled
+    sandbox: Mode = "none"  # "auto": bubblewrap, else the best fallback; "bwrap": bubblewrap or a crash
+    writable: tuple[Path, ...] = ()  # read-write in the sandbox besides cwd (created when missing)
+    hidden: tuple[Path, ...] = ()  # unreadable in the sandbox: state directory, validation and test shards
+    handoff_dir: Path | None = None  # where the run hands over its model (writable; emptied of stale files)
+    on_handoff: Callable[[Path], None] | None = None  # the evaluator, once, in a thread, when `ready` appears
+
+    def __post_init__(self) -> None:
+        if self.sandbox not in MODES:
+            raise ValueError(f"unknown sandbox mode {self.sandbox!r}: use one of {', '.join(MODES)}")
 
     @property
     def limit(self) -> float:
@@ -91,6 +110,8 @@ class RunResult:
     log_truncated: bool
     tail: str  # the last lines of the output
     summary: dict[str, float | str]  # the `key: value` lines after the last `---` line
+    sandbox: str = "none"  # the confinement in force: "bwrap", "unshare-net" or "none"
+    handoff_seconds: float | None = None  # spawn to the first sight of `<handoff_dir>/ready`
 
 
 def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]:
@@ -144,29 +165,33 @@ def kill_group(pgid: int, grace_seconds: float = 3.0) -> None:
 
 def run_experiment(spec: RunSpec) -> RunResult:
     """Run the command to its end or to the limit and classify what happened. A failing or unstartable
-    command is a result, not an exception; KeyboardInterrupt (or an error raised by a callback) ends
-    the tree and propagates."""
+    command is a result, not an exception; KeyboardInterrupt (or an error raised by a callback other
+    than on_handoff) ends the tree and propagates. Sandboxed, the pid given to on_start is bwrap's."""
     argv, shell = _argv(spec.command, spec.python)
     env = scrub_env(os.environ if spec.env is None else spec.env, spec.secret_patterns)
     env.setdefault("PYTHONUNBUFFERED", "1")  # otherwise a killed run loses its last lines
-    env.update(spec.extra_env)
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = _Log(spec.log_path, spec.log_cap_bytes)
-    oom_kills, start = _oom_kill_count(), time.monotonic()
+    handoff = None if spec.handoff_dir is None else _Handoff(Path(spec.handoff_dir), spec.on_handoff)
+    box: Confinement | None = None
     try:
-        if not Path(spec.cwd).is_dir():
-            raise OSError(f"the working directory {spec.cwd} does not exist")
-        if not argv:
-            raise OSError("the command is empty")
-        proc = subprocess.Popen(argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        box = _confine(spec, argv, handoff)
+        env.update(box.env)
+        env.update(spec.extra_env)
+        oom_kills, start = _oom_kill_count(), time.monotonic()
+        proc = subprocess.Popen(box.argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_rlimit(spec.memory_limit_bytes))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (SandboxUnavailable, OSError, subprocess.SubprocessError) as exc:
         why = getattr(exc, "strerror", None)
-        message = f"cannot start the command: {f'{argv[0]}: {why}' if why else exc}"
+        message = str(exc) if isinstance(exc, SandboxUnavailable) else \
+            f"cannot start the command: {f'{argv[0]}: {why}' if why else exc}"
         log.write(f"{message}\n".encode())
         log.close()
-        return RunResult("crash", None, None, message, 0.0, 0.0, spec.log_path, 0, False, message, {})
+        if box is not None:
+            box.close()
+        return RunResult("crash", None, None, message, 0.0, 0.0, spec.log_path, 0, False, message, {},
+                         "none" if box is None else box.mode)
     assert proc.stdout is not None
     tree = _Tree(proc)
     log.start(proc.stdout.fileno())
@@ -174,18 +199,23 @@ def run_experiment(spec: RunSpec) -> RunResult:
     try:
         if spec.on_start is not None:
             spec.on_start(proc.pid, proc.pid)  # start_new_session: the child leads its own group
-        timed_out = _watch(proc, spec, tree, start)
+        timed_out = _watch(proc, spec, tree, start, handoff)
         end = time.monotonic()
     finally:
-        tree.end(spec.grace_seconds)
-        log.close()
-        proc.stdout.close()
+        try:
+            tree.end(spec.grace_seconds)
+        finally:
+            log.close()
+            proc.stdout.close()
+            box.close()
+            if handoff is not None:
+                handoff.join()  # the evaluator finishes even when the run did not wait for it
     end = time.monotonic() if timed_out else end
 
     data = spec.log_path.read_bytes()
     memory_hint = _oom_kill_count() > oom_kills or tree.peak_rss >= 0.9 * (
         spec.memory_limit_bytes or psutil.virtual_memory().total)
-    outcome, sig, error = _classify(proc.returncode, shell, data[-_SCAN_BYTES:].decode("utf-8", "replace"),
+    outcome, sig, error = _classify(proc.returncode, shell or box.mode == "bwrap", data[-_SCAN_BYTES:].decode("utf-8", "replace"),
                                     spec, timed_out, memory_hint)
     starts = [m.start() for m in _DASHES.finditer(data)]
     summary = parse_summary(data[starts[-1]:].decode("utf-8", "replace")) if starts else {}
@@ -194,7 +224,36 @@ def run_experiment(spec: RunSpec) -> RunResult:
         tail = tail[1:]  # the first one is cut
     return RunResult(outcome, None if sig is not None else proc.returncode, sig, error, end - start,
                      tree.peak_rss / 2**20, spec.log_path, log.total, log.truncated,
-                     "\n".join(tail[-TAIL_LINES:]), summary)
+                     "\n".join(tail[-TAIL_LINES:]), summary, box.mode, None if handoff is None else handoff.seen)
+
+
+def write_handoff_result(handoff_dir: Path, result: Mapping[str, object]) -> None:
+    """Write `<handoff_dir>/result.json` atomically (the run may be reading it) and without following
+    a link the code under study may have planted there: a temporary file renamed over the name."""
+    fd, temporary = tempfile.mkstemp(prefix=".result-", dir=handoff_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        os.replace(temporary, Path(handoff_dir) / RESULT)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _confine(spec: RunSpec, argv: list[str], handoff: _Handoff | None) -> Confinement:
+    """Check what the run needs, make its writable directories, and wrap the command for the sandbox."""
+    if not Path(spec.cwd).is_dir():
+        raise OSError(f"the working directory {spec.cwd} does not exist")
+    if not argv:
+        raise OSError("the command is empty")
+    writable = [Path(p) for p in spec.writable]
+    for path in writable:
+        if not path.exists():
+            path.mkdir(parents=True)
+    if handoff is not None:
+        handoff.prepare()
+        writable.append(handoff.dir)
+    return confine(spec.sandbox, argv, Path(spec.cwd), writable, spec.hidden)
 
 
 def _argv(command: str | Sequence[str], python: str) -> tuple[list[str], bool]:
@@ -213,11 +272,17 @@ def _rlimit(limit: int | None) -> Callable[[], None] | None:
     return None if limit is None else functools.partial(resource.setrlimit, resource.RLIMIT_AS, (limit, limit))
 
 
-def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: float) -> bool:
-    """Wait for the main process, sampling memory and ticking; True when the limit expired."""
+def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: float,
+           handoff: _Handoff | None) -> bool:
+    """Wait for the main process, sampling memory, ticking and looking for the handoff; True when the
+    limit expired."""
     deadline, next_tick, next_sample = start + spec.limit, start + spec.tick_seconds, start
+    next_poll = start if handoff is not None else math.inf
     while True:
         now = time.monotonic()
+        if handoff is not None and now >= next_poll:
+            handoff.poll(now - start)
+            next_poll = now + _HANDOFF_POLL if handoff.seen is None else math.inf
         if now >= next_sample:
             tree.sample()
             next_sample = now + spec.sample_seconds
@@ -227,7 +292,7 @@ def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: flo
         if now >= deadline:
             return True
         try:
-            proc.wait(timeout=max(0.01, min(next_sample, next_tick, deadline) - now))
+            proc.wait(timeout=max(0.01, min(next_sample, next_tick, next_poll, deadline) - now))
             return False
         except subprocess.TimeoutExpired:
             continue
@@ -249,12 +314,12 @@ def _oom_kill_count() -> int:
         return 0
 
 
-def _classify(returncode: int, shell: bool, text: str, spec: RunSpec, timed_out: bool,
+def _classify(returncode: int, wrapped: bool, text: str, spec: RunSpec, timed_out: bool,
               memory_hint: bool) -> tuple[Outcome, int | None, str | None]:
     """(outcome, signal, error) from the exit status, the signals and the end of the log."""
     sig = -returncode if returncode < 0 else None
-    if sig is None and shell and 128 < returncode < 128 + signals.NSIG:
-        sig = returncode - 128  # a shell reports its child's death by signal N as exit 128 + N
+    if sig is None and wrapped and 128 < returncode < 128 + signals.NSIG:
+        sig = returncode - 128  # a shell, or bwrap, reports its child's death by signal N as exit 128 + N
     if timed_out:
         return "timeout", sig, f"exceeded the {spec.limit:g} s limit (budget {spec.budget:g} s + allowances)"
     if returncode == 0:
@@ -275,6 +340,42 @@ def _classify(returncode: int, shell: bool, text: str, spec: RunSpec, timed_out:
     last = [line.strip() for line in lines if line.strip()]
     fallback = f"died by {name}" if sig is not None else last[-1] if last else f"exited with code {returncode}"
     return "crash", sig, (exceptions[-1] if exceptions else fallback)[:500]
+
+
+class _Handoff:
+    """Notices `<dir>/ready`, times it from outside, and runs the trusted evaluator once in a thread."""
+
+    def __init__(self, directory: Path, evaluate: Callable[[Path], None] | None) -> None:
+        self.dir, self.evaluate = directory, evaluate
+        self.seen: float | None = None  # seconds from spawn to the first sight of `ready`
+        self.thread: threading.Thread | None = None
+
+    def prepare(self) -> None:
+        """Make the directory and remove a stale `ready` or result, which would fire at once."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in (READY, RESULT):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def poll(self, elapsed: float) -> None:
+        if self.seen is None and os.path.lexists(self.dir / READY):
+            self.seen = elapsed
+            if self.evaluate is not None:
+                self.thread = threading.Thread(target=self._run, name="runner-handoff", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        assert self.evaluate is not None
+        try:
+            self.evaluate(self.dir)
+            error = None if os.path.lexists(self.dir / RESULT) else "the evaluator returned without writing a result"
+        except Exception as exc:  # the evaluator's failure goes to the waiting run, which must not hang
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            write_handoff_result(self.dir, {"error": error})
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
 
 
 class _Tree:

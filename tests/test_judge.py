@@ -1,0 +1,85 @@
+"""The noise-aware judge: noise measured from repeats, borderline gains confirmed, no-op changes
+not kept, simpler equal changes kept."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from autoresearch.judge import pooled_sigma, verdict
+from test_loop import diff, experiments, make_target, run_loop, write_patches
+
+NOISY = '''"""A target whose score is 1.0 + SHIFT plus seeded noise (sigma 0.05): run n uses seed n."""
+import os
+import random
+
+# Hyperparameters
+SHIFT = 0.0        # the knob: lower is better
+EXTRA = 0          # a line a simplification may delete
+
+counter = os.environ["NOISE_COUNTER"]
+n = int(open(counter).read()) if os.path.exists(counter) else 0
+open(counter, "w").write(str(n + 1))
+print("---")
+print(f"score: {1.0 + SHIFT + random.Random(n).gauss(0, 0.05):.5f}")
+''' + "".join(f"\n\n\n\n# slot {i}\n" for i in range(20))  # comment lines a no-op change may edit
+
+
+def test_pooled_sigma_removes_each_group_mean() -> None:
+    assert pooled_sigma([[1.0], [2.0]]) is None
+    assert pooled_sigma([[1.0, 1.0, 1.0]]) == 0.0
+    sigma = pooled_sigma([[1.0, 1.2], [5.0, 5.2]])  # two commits far apart, same spread
+    assert sigma == pytest.approx(math.sqrt((0.01 + 0.01 + 0.01 + 0.01) / 2))
+
+
+def test_verdict_bands() -> None:
+    champion = [1.00, 1.02, 0.98]
+    sigma = 0.02
+    se = sigma * math.sqrt(1 + 1 / 3)
+    assert verdict([1.00 - 3 * se], champion, sigma, "min", 2, 2, False).action == "keep"
+    assert verdict([1.00 - 1.5 * se], champion, sigma, "min", 2, 2, False).action == "confirm"
+    assert verdict([1.00 - 1.5 * se], champion, sigma, "min", 2, 0, False).action == "discard"
+    assert verdict([1.00 - 0.5 * se], champion, sigma, "min", 2, 2, False).action == "discard"
+    assert verdict([1.00 + 0.5 * se], champion, sigma, "min", 2, 2, True).action == "keep"  # simpler, equal
+    assert verdict([1.00 + 3 * se], champion, sigma, "min", 2, 2, True).action == "discard"  # simpler but worse
+    assert verdict([1.00 + 3 * se], champion, sigma, "max", 2, 2, False).action == "keep"  # higher is better
+    assert verdict([0.999], [1.0], None, "min", 2, 2, False).action == "keep"  # no noise estimate: strict
+
+
+def comment_patch(i: int) -> str:
+    return diff("bench.py", NOISY, NOISY.replace(f"# slot {i}\n", f"# slot {i}: a note\n"), f"no-op: comment {i}")
+
+
+@pytest.mark.slow
+def test_no_op_changes_are_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOISE_COUNTER", str(tmp_path / "counter"))
+    repo = make_target(tmp_path, NOISY, judge="noise")
+    real = diff("bench.py", NOISY, NOISY.replace("SHIFT = 0.0 ", "SHIFT = -0.5"), "a real gain of 10 sigma")
+    simpler = diff("bench.py", NOISY, NOISY.replace("EXTRA = 0          # a line a simplification may delete\n", ""),
+                   "delete an unused line")
+    patches = [comment_patch(i) for i in range(20)] + [real]
+    run_loop(repo, f"patches:{write_patches(tmp_path / 'patches', patches)}")
+    rows = experiments(repo)
+    base = rows[0]
+    repeats = [e for e in rows if e.kind == "repeat"]
+    assert [e.repeat_of for e in repeats[:3]] == [base.id] * 3  # the baseline ran 4 times in all
+    decided = [e for e in rows if e.kind == "experiment"]
+    noop_keeps = [e for e in decided[:20] if e.status == "keep"]
+    assert len(noop_keeps) <= 1, [(e.description, e.reason) for e in noop_keeps]
+    assert decided[20].status == "keep" and "σ" in (decided[20].reason or "")
+    assert all(e.sigma is not None and e.sigma > 0 for e in decided)
+    confirmed = {e.repeat_of for e in repeats} - {base.id}
+    assert all(rows[i - 1].kind == "experiment" for i in confirmed if i)  # confirmations repeat experiments
+    # the champion was re-measured after 10 experiments
+    champions = {e.id for e in rows if e.status == "keep"}
+    assert any(e.repeat_of in champions for e in repeats[3:] if rows[e.repeat_of - 1].kind != "experiment"
+               or e.repeat_of in champions)
+    # results.tsv lists experiments only, never the repeats
+    assert len((repo / "results.tsv").read_text().splitlines()) == 1 + 1 + len(decided)
+    # a simplification that leaves the score within noise is kept
+    write_patches(tmp_path / "simpler", [simpler])
+    run_loop(repo, f"patches:{tmp_path / 'simpler'}", tag="t2")
+    t2 = [e for e in experiments(repo, "t2") if e.kind == "experiment"]
+    assert t2[0].status == "keep" and "simpler" in (t2[0].reason or "")
