@@ -37,7 +37,7 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_target(tmp_path: Path, bench: str = BENCH, judge: str = "strict") -> Path:
+def make_target(tmp_path: Path, bench: str = BENCH, judge: str = "strict", sandbox: str = "none") -> Path:
     repo = tmp_path / "target"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
@@ -48,10 +48,12 @@ def make_target(tmp_path: Path, bench: str = BENCH, judge: str = "strict") -> Pa
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=repo, check=True)
     init_target(repo, run="python bench.py", editable=["bench.py", "extra/*.py"], metric="score",
                 direction="min", budget=5, frozen=["data.txt"])
-    if judge != "noise":  # the toy target is deterministic: most tests check the plain ratchet
-        toml = repo / "autoresearch.toml"
-        toml.write_text(toml.read_text().replace('mode = "noise"', f'mode = "{judge}"'))
-        git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", f"judge: {judge}")
+    # The toy target is deterministic, so most tests check the plain ratchet; and its fault scripts
+    # write marker files outside the worktree, which the sandbox (tested on its own) would forbid.
+    toml = repo / "autoresearch.toml"
+    toml.write_text(toml.read_text().replace('mode = "noise"', f'mode = "{judge}"')
+                    .replace('sandbox = "auto"', f'sandbox = "{sandbox}"'))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", f"judge {judge}, sandbox {sandbox}")
     return repo
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -16,8 +17,9 @@ from typing import Any
 import psutil
 import pytest
 
+from autoresearch import sandbox
 from autoresearch.runner import (RunResult, RunSpec, group_alive, kill_group, parse_summary, run_experiment,
-                                 scrub_env)
+                                 scrub_env, write_handoff_result)
 
 SUMMARY = """print("---")
 print("val_bpb:          0.997900")
@@ -60,6 +62,7 @@ def test_ok_parses_the_summary(tmp_path: Path) -> None:
     assert result.tail.endswith("num_steps:        953") and not result.log_truncated
     assert result.log_bytes == result.log_path.stat().st_size
     assert 0 < result.wall_seconds < 10 and result.peak_rss_mb >= 0  # too short to be sure of a sample
+    assert result.sandbox == "none" and result.handoff_seconds is None
 
 
 def test_parse_summary_uses_the_last_block() -> None:
@@ -290,3 +293,99 @@ def test_python_word_is_replaced_by_the_given_interpreter(tmp_path: Path) -> Non
     result = run(tmp_path, f"import os\nopen({str(out)!r}, 'w').write(os.environ.get('WRAPPED', 'no'))\n",
                  python=str(wrapper))
     assert result.outcome == "ok" and out.read_text() == "yes"
+
+
+HANDOFF = """import sys, time
+from pathlib import Path
+handoff = Path(sys.argv[1])
+time.sleep(1.0)
+(handoff / "model.bin").write_bytes(b"trained weights")
+(handoff / "ready").touch()
+while not (handoff / "result.json").exists():
+    time.sleep(0.02)
+print("RESULT " + (handoff / "result.json").read_text())
+"""
+MODES = [pytest.param("none"), pytest.param("bwrap", marks=pytest.mark.skipif(
+    sandbox.bwrap_executable() is None, reason="bubblewrap is not installed or cannot create namespaces here"))]
+
+
+def run_handoff(tmp_path: Path, mode: str, evaluate: Any, source: str = HANDOFF, **overrides: Any) -> RunResult:
+    """Run `source` with its handoff directory inside a state directory that the sandbox hides."""
+    handoff = tmp_path / "state" / "handoff"
+    return run(tmp_path, source, command=[sys.executable, "script.py", str(handoff)], handoff_dir=handoff,
+               on_handoff=evaluate, sandbox=mode, hidden=(tmp_path / "state",), **overrides)
+
+
+def printed_result(result: RunResult) -> dict[str, Any]:
+    line = next(line for line in result.log_path.read_text().splitlines() if line.startswith("RESULT "))
+    printed: dict[str, Any] = json.loads(line[len("RESULT "):])
+    return printed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_handoff_is_timed_from_outside_and_evaluated_once(tmp_path: Path, mode: str) -> None:
+    handoff = tmp_path / "state" / "handoff"
+    handoff.mkdir(parents=True)
+    (handoff / "ready").touch()  # stale, from an earlier attempt: must not fire at spawn
+    (handoff / "result.json").write_text('{"val_bpb": 0.1}')
+    spawned: list[float] = []
+    calls: list[tuple[float, bytes]] = []
+
+    def evaluate(directory: Path) -> None:
+        calls.append((time.monotonic(), (directory / "model.bin").read_bytes()))
+        write_handoff_result(directory, {"val_bpb": 1.25})
+
+    result = run_handoff(tmp_path, mode, evaluate, on_start=lambda pid, pgid: spawned.append(time.monotonic()))
+    assert result.outcome == "ok" and result.sandbox == mode, result.tail
+    assert result.handoff_seconds is not None and 0.9 <= result.handoff_seconds <= 1.6
+    assert len(calls) == 1 and calls[0][1] == b"trained weights"
+    assert abs(calls[0][0] - spawned[0] - result.handoff_seconds) < 0.2
+    assert printed_result(result) == {"val_bpb": 1.25}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_raising_evaluator_still_answers_the_run(tmp_path: Path, mode: str) -> None:
+    def evaluate(directory: Path) -> None:
+        raise RuntimeError("the model file is corrupt")
+
+    result = run_handoff(tmp_path, mode, evaluate)
+    assert result.outcome == "ok" and result.handoff_seconds is not None, result.tail
+    assert printed_result(result) == {"error": "RuntimeError: the model file is corrupt"}
+
+
+def test_an_evaluator_that_writes_nothing_still_answers_the_run(tmp_path: Path) -> None:
+    result = run_handoff(tmp_path, "none", lambda directory: None)
+    assert result.outcome == "ok"
+    assert printed_result(result) == {"error": "the evaluator returned without writing a result"}
+
+
+def test_the_limit_covers_the_evaluation_and_the_evaluator_is_awaited(tmp_path: Path) -> None:
+    finished: list[float] = []
+
+    def evaluate(directory: Path) -> None:
+        time.sleep(1.5)  # still evaluating when the limit kills the run
+        finished.append(time.monotonic())
+        write_handoff_result(directory, {"val_bpb": 1.0})
+
+    result = run_handoff(tmp_path, "none", evaluate, budget=1.5)
+    returned = time.monotonic()
+    assert result.outcome == "timeout" and result.handoff_seconds is not None
+    assert finished and finished[0] <= returned
+
+
+def test_handoff_without_ready_is_not_timed(tmp_path: Path) -> None:
+    calls: list[Path] = []
+    result = run_handoff(tmp_path, "none", calls.append, source="print('no handoff')\n")
+    assert result.outcome == "ok" and result.handoff_seconds is None and calls == []
+
+
+def test_write_handoff_result_replaces_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "outside.txt"
+    victim.write_text("precious")
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "result.json").symlink_to(victim)
+    write_handoff_result(handoff, {"val_bpb": 1.5})
+    assert victim.read_text() == "precious" and not (handoff / "result.json").is_symlink()
+    assert json.loads((handoff / "result.json").read_text()) == {"val_bpb": 1.5}
+    assert sorted(p.name for p in handoff.iterdir()) == ["result.json"]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import psutil
 import pytest
 
 from autoresearch import sandbox
-from autoresearch.runner import RunResult, RunSpec, run_experiment
+from autoresearch.runner import RunResult, RunSpec, kill_group, run_experiment
 
 BWRAP = sandbox.bwrap_executable()
 needs_bwrap = pytest.mark.skipif(BWRAP is None, reason="bubblewrap is not installed or cannot create namespaces here "
@@ -48,7 +50,8 @@ class Lab:
         fields: dict[str, Any] = dict(
             command="python script.py", cwd=self.worktree, log_path=self.state / "logs" / f"{uuid.uuid4().hex}.log",
             budget=20.0, startup_allowance=0.0, eval_allowance=0.0, grace_seconds=0.5, sandbox="bwrap",
-            writable=(self.scratch,), hidden=(self.state, self.val), env={"PATH": "/usr/bin:/bin", "HOME": str(self.home)})
+            writable=(self.scratch,), hidden=(self.state, self.val),
+            env={"PATH": "/usr/bin:/bin", "HOME": str(self.home)})
         fields.update(overrides)
         return RunSpec(**fields)
 
@@ -185,17 +188,44 @@ subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", sys.argv
 while True:
     time.sleep(0.05)
 """
-    pids: list[int] = []
+    leaders: list[str] = []
     result = lab.run(source, command=[sys.executable, "script.py", marker], budget=1.5,
-                     on_start=lambda pid, pgid: pids.append(pid))
+                     on_start=lambda pid, pgid: leaders.append(psutil.Process(pid).name()))
     assert result.outcome == "timeout" and result.sandbox == "bwrap"
     assert 1.5 <= result.wall_seconds < 1.5 + 0.5 + 1.0
-    assert psutil.Process(pids[0]).name() == "bwrap"  # on_start sees bwrap, the group leader
-    survivors = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if marker in (proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            survivors.append(proc.info["cmdline"])
-    assert survivors == []
+    assert leaders == ["bwrap"]  # on_start sees bwrap, the group leader
+    assert live_with(marker) == []
+
+
+def live_with(marker: str) -> list[list[str]]:
+    return [p.info["cmdline"] for p in psutil.process_iter(["cmdline", "status"])
+            if marker in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+@needs_bwrap
+def test_kill_group_from_another_process_ends_the_sandbox(lab: Lab) -> None:
+    """What the loop does on resume with the pgid it recorded: bwrap's group is all it knows."""
+    assert BWRAP is not None
+    marker = f"marker-{uuid.uuid4().hex}"
+    child = "import time; time.sleep(600)"
+    code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}, sys.argv[1]], "
+            "start_new_session=True); time.sleep(600)")
+    proc = subprocess.Popen(sandbox.bwrap_argv(BWRAP, [sys.executable, "-c", code, marker], lab.worktree),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(child in cmd for cmd in live_with(marker)):  # bwrap, its pid 1, python, its child
+            assert time.monotonic() < deadline, "the sandboxed processes never started"
+            time.sleep(0.05)
+        kill_group(proc.pid, grace_seconds=0.5)
+        proc.wait(timeout=5)
+        assert live_with(marker) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for survivor in psutil.process_iter(["cmdline"]):
+            if marker in (survivor.info["cmdline"] or []):
+                survivor.kill()  # only when the test failed: leave nothing behind
 
 
 @needs_bwrap
@@ -223,9 +253,10 @@ def test_required_bwrap_that_cannot_run_is_a_crash(lab: Lab, monkeypatch: pytest
 
 def test_fallback_without_bwrap_says_what_is_in_force(lab: Lab, server: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sandbox, "bwrap_executable", lambda: None)  # a machine without bubblewrap
-    source = connect_source(server).replace("import socket\n", "import os, socket\nprint('TMPDIR', os.environ['TMPDIR'])\n")
+    source = "import os\nprint('TMPDIR', os.environ['TMPDIR'])\n" + connect_source(server)
     result = lab.run(source, sandbox="auto")
-    tmpdir = next(line.split(" ", 1)[1] for line in result.log_path.read_text().splitlines() if line.startswith("TMPDIR"))
+    lines = result.log_path.read_text().splitlines()
+    tmpdir = next(line.split(" ", 1)[1] for line in lines if line.startswith("TMPDIR"))
     assert Path(tmpdir).parent == lab.scratch and not Path(tmpdir).exists()  # private to the run, then removed
     if sandbox.unshare_executable() is None:
         assert result.sandbox == "none" and result.outcome == "ok"
@@ -236,4 +267,5 @@ def test_fallback_without_bwrap_says_what_is_in_force(lab: Lab, server: int, mon
 
 def test_unknown_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown sandbox mode"):
-        RunSpec(command="true", cwd=tmp_path, log_path=tmp_path / "log", budget=1, sandbox="docker")  # type: ignore[arg-type]
+        RunSpec(command="true", cwd=tmp_path, log_path=tmp_path / "log", budget=1,
+                sandbox="docker")  # type: ignore[arg-type]

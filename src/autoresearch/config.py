@@ -68,6 +68,8 @@ class LabConfig:
     pause_seconds: float = 30.0  # first pause when the agent's service is down; doubles each time
     max_pause_seconds: float = 600.0
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # [judge]: noise-aware keep/discard
+    sandbox: str = "auto"  # "auto" (bubblewrap when usable, else the best fallback), "bwrap" (required), "none"
+    trusted_eval: bool = False  # built-in task: score the handed-over model in a separate evaluator process
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -89,6 +91,12 @@ def _strings(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
     if not all(isinstance(v, str) and v for v in values):
         raise ConfigError(f"{CONFIG_NAME}: [{where}] `{key}` must be a list of file names or globs")
     return tuple(values)
+
+
+def _sandbox(value: str) -> str:
+    if value not in ("auto", "bwrap", "none"):
+        raise ConfigError(f'{CONFIG_NAME}: [lab] `sandbox` must be "auto", "bwrap" or "none", not {value!r}')
+    return value
 
 
 def parse_config(text: str, root: Path) -> LabConfig:
@@ -164,6 +172,7 @@ def parse_config(text: str, root: Path) -> LabConfig:
         pause_seconds=_get(agent_t, "pause_seconds", float, "agent", 30.0),
         max_pause_seconds=_get(agent_t, "max_pause_seconds", float, "agent", 600.0),
         judge=judge,
+        sandbox=_sandbox(_get(lab, "sandbox", str, "lab", "auto")),
     )
 
 
@@ -194,7 +203,8 @@ def render_config(
         f"budget = {budget:g}{' ' * max(1, 29 - len(f'{budget:g}'))}# training seconds per experiment (wall clock, measured from outside)",
         f"editable = {strings(editable)}  # the only files an agent may change",
         f"frozen = {strings(frozen)}  # hashed and checked before every run",
-        "startup_allowance = 60         # seconds added to the limit for start-up (the budget still counts them)",
+        'sandbox = "auto"               # runs see no network, no ledger, no validation data ("none" to disable)',
+        "startup_allowance = 60         # seconds added to the limit for start-up and compilation",
         "eval_allowance = 60            # seconds added to the limit for the final evaluation",
         "",
         "[agent]",

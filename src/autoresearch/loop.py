@@ -517,7 +517,10 @@ class Loop:
             limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
             self.view.started(e, limit)
             self._start_prefetch(e)
+            scratch = self.lab.state_dir / "scratch" / f"{eid:05d}"
             spec = runner_mod.RunSpec(
+                sandbox=self.config.sandbox, writable=(scratch,), hidden=self._hidden(),
+                readable=self._readable(),
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
                 env=dict(os.environ), extra_env={"AUTORESEARCH_BUDGET": f"{self.budget:g}"},
@@ -536,12 +539,40 @@ class Loop:
             metric = self._metric(result)
             memory = result.summary.get("peak_vram_mb")
             self.ledger.update(
-                eid, outcome=result.outcome, run_seconds=result.wall_seconds, summary=result.summary,
+                eid, outcome=result.outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
                 metric=metric, memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024),
                 reason=result.error,
             )
             e = self.ledger.get(eid)
         return e
+
+    def _hidden(self) -> tuple[Path, ...]:
+        """What a run must not read: the loop's state (ledger, logs, other experiments) and, for the
+        built-in task, the validation and test shards (the trusted evaluator reads those)."""
+        hidden = [self.lab.state_dir]
+        task = self.config.task
+        if task is not None and self._trusted():
+            from .data import load_prepared
+
+            try:
+                prepared = load_prepared(task.dataset, task.vocab_size)
+                hidden += [*prepared.files("val"), *prepared.files("test")]
+            except AutoresearchError:
+                pass  # not prepared: the run stops with its own message
+        return tuple(hidden)
+
+    def _trusted(self) -> bool:
+        """The built-in task's metric comes from the trusted evaluator, not from the run's output."""
+        return self.config.task is not None and self.config.trusted_eval
+
+    def _readable(self) -> tuple[Path, ...]:
+        """What a run needs to read even where the sandbox's fresh /tmp would hide it: the data cache,
+        the interpreter's environment, and the source of the autoresearch package."""
+        from . import settings
+
+        paths = [settings.cache_dir(), Path(sys.prefix), Path(__file__).resolve().parent.parent]
+        paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        return tuple(paths)
 
     def _metric(self, result: runner_mod.RunResult) -> float | None:
         name = self.config.metric.name

@@ -8,7 +8,9 @@ outcome is classified from the exit status, the signals and the log. POSIX only 
 
 A run can be sandboxed (see sandbox.py), and can hand its trained model to a trusted evaluator: it
 writes the model into the handoff directory and then a file named `ready`; the runner notices `ready`,
-times it from outside and calls the evaluator in a thread while the run waits for `result.json`.
+times it from outside and calls the evaluator in a thread while the run waits for `result.json`. The
+code under study can write into that directory too: the evaluator treats what it finds there as
+untrusted (a planted link, an early `ready`) and answers with write_handoff_result.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ READY, RESULT = "ready", "result.json"  # the files of the handoff protocol
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One experiment to run. Times are in seconds."""
+    """One experiment to run. Times are in seconds. The sandbox fields are enforced only when bubblewrap
+    runs (RunResult.sandbox == "bwrap"); without it "auto" still gives the run a private TMPDIR inside
+    the scratch directory (the first writable path) and, where it can, a network namespace."""
 
     command: str | Sequence[str]  # a string runs with /bin/sh -c; a sequence is executed directly
     cwd: Path  # where it runs (the experiment's worktree)
@@ -80,8 +84,9 @@ class RunSpec:
     tick_seconds: float = 0.5
     sample_seconds: float = 0.25  # how often the tree's memory is sampled
     sandbox: Mode = "none"  # "auto": bubblewrap, else the best fallback; "bwrap": bubblewrap or a crash
-    writable: tuple[Path, ...] = ()  # read-write in the sandbox besides cwd (created when missing)
+    writable: tuple[Path, ...] = ()  # read-write besides cwd, made when missing; the first is the scratch dir
     hidden: tuple[Path, ...] = ()  # unreadable in the sandbox: state directory, validation and test shards
+    readable: tuple[Path, ...] = ()  # read-only in the sandbox even under a hiding mount (the data cache, the venv)
     handoff_dir: Path | None = None  # where the run hands over its model (writable; emptied of stale files)
     on_handoff: Callable[[Path], None] | None = None  # the evaluator, once, in a thread, when `ready` appears
 
@@ -183,9 +188,9 @@ def run_experiment(spec: RunSpec) -> RunResult:
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_rlimit(spec.memory_limit_bytes))
     except (SandboxUnavailable, OSError, subprocess.SubprocessError) as exc:
-        why = getattr(exc, "strerror", None)
+        why, name = getattr(exc, "strerror", None), getattr(exc, "filename", None) or (argv[0] if argv else "")
         message = str(exc) if isinstance(exc, SandboxUnavailable) else \
-            f"cannot start the command: {f'{argv[0]}: {why}' if why else exc}"
+            f"cannot start the command: {f'{name}: {why}' if why else exc}"
         log.write(f"{message}\n".encode())
         log.close()
         if box is not None:
@@ -215,8 +220,8 @@ def run_experiment(spec: RunSpec) -> RunResult:
     data = spec.log_path.read_bytes()
     memory_hint = _oom_kill_count() > oom_kills or tree.peak_rss >= 0.9 * (
         spec.memory_limit_bytes or psutil.virtual_memory().total)
-    outcome, sig, error = _classify(proc.returncode, shell or box.mode == "bwrap", data[-_SCAN_BYTES:].decode("utf-8", "replace"),
-                                    spec, timed_out, memory_hint)
+    outcome, sig, error = _classify(proc.returncode, shell or box.mode == "bwrap",
+                                    data[-_SCAN_BYTES:].decode("utf-8", "replace"), spec, timed_out, memory_hint)
     starts = [m.start() for m in _DASHES.finditer(data)]
     summary = parse_summary(data[starts[-1]:].decode("utf-8", "replace")) if starts else {}
     tail = data[-TAIL_BYTES:].decode("utf-8", "replace").splitlines()
@@ -253,7 +258,8 @@ def _confine(spec: RunSpec, argv: list[str], handoff: _Handoff | None) -> Confin
     if handoff is not None:
         handoff.prepare()
         writable.append(handoff.dir)
-    return confine(spec.sandbox, argv, Path(spec.cwd), writable, spec.hidden)
+    return confine(spec.sandbox, argv, Path(spec.cwd), writable, spec.hidden, writable[0] if spec.writable else None,
+                   spec.readable)
 
 
 def _argv(command: str | Sequence[str], python: str) -> tuple[list[str], bool]:

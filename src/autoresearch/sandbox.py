@@ -73,20 +73,19 @@ def unshare_executable() -> str | None:
 
 
 def confine(mode: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] = (),
-            hidden: Iterable[Path] = ()) -> Confinement:
+            hidden: Iterable[Path] = (), scratch: Path | None = None, readable: Iterable[Path] = ()) -> Confinement:
     """Wrap `argv` for `mode` ("auto", "bwrap" or "none"). "bwrap" raises SandboxUnavailable when
-    bubblewrap cannot run; "auto" then falls back; "none" changes nothing."""
+    bubblewrap cannot run; "auto" then falls back, making a private TMPDIR in `scratch` (None: the
+    system's temporary directory); "none" changes nothing."""
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}: use one of {', '.join(MODES)}")
-    writable = list(writable)
     if mode == "none":
         return Confinement("none", list(argv))
     bwrap = bwrap_executable()
     if bwrap is not None:
-        return Confinement("bwrap", bwrap_argv(bwrap, argv, cwd, writable, hidden), {"TMPDIR": "/tmp"})
+        return Confinement("bwrap", bwrap_argv(bwrap, argv, cwd, writable, hidden, readable), {"TMPDIR": "/tmp"})
     if mode == "bwrap":
         raise SandboxUnavailable(UNAVAILABLE)
-    scratch = next((Path(p) for p in writable if Path(p).is_dir()), None)
     tmpdir = Path(tempfile.mkdtemp(prefix="tmp-", dir=scratch))
     unshare = unshare_executable()
     if unshare is not None:
@@ -95,9 +94,11 @@ def confine(mode: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] 
 
 
 def bwrap_argv(bwrap: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] = (),
-               hidden: Iterable[Path] = ()) -> list[str]:
-    """The bwrap command line running `argv` in `cwd`, with `cwd` and `writable` read-write and
-    `hidden` unreadable. Paths are resolved; missing hidden paths are skipped (nothing to read)."""
+               hidden: Iterable[Path] = (), readable: Iterable[Path] = ()) -> list[str]:
+    """The bwrap command line running `argv` in `cwd`, with `cwd` and `writable` read-write,
+    `hidden` unreadable, and `readable` bound back read-only where a mount above would hide it (the
+    fresh /tmp hides a data cache or a virtualenv that lives there). Paths are resolved; missing
+    hidden and readable paths are skipped."""
     cwd = Path(cwd).resolve()
     line = [bwrap, *_BWRAP_BASE]
     # GPUs: --dev builds a minimal /dev without them. Not verified on a GPU machine: the CUDA driver
@@ -108,19 +109,23 @@ def bwrap_argv(bwrap: str, argv: Sequence[str], cwd: Path, writable: Iterable[Pa
     # A mount hides what was beneath it, and the worktree lives inside the hidden state directory, so
     # parents go before children: a hidden directory first, then the writable paths bound back into it
     # (bwrap makes their mount points in the tmpfs). At the same depth the hiding goes last and wins.
-    mounts = [(p, False) for p in dict.fromkeys([cwd, *(Path(w).resolve() for w in writable)])]
-    mounts += [(p, True) for p in dict.fromkeys(Path(h).resolve() for h in hidden) if p.exists()]
-    empty_dirs = []
-    for path, hide in sorted(mounts, key=lambda m: (len(m[0].parts), m[1])):
-        if not hide:
+    mounts = [(p, 1) for p in dict.fromkeys(Path(r).resolve() for r in readable) if p.exists()]
+    mounts += [(p, 2) for p in dict.fromkeys([cwd, *(Path(w).resolve() for w in writable)])]
+    mounts += [(p, 3) for p in dict.fromkeys(Path(h).resolve() for h in hidden) if p.exists()]
+    empty_dirs: list[str] = []
+    for path, kind in sorted(mounts, key=lambda m: (len(m[0].parts), m[1])):
+        hide = kind == 3
+        if kind == 1:
+            line += ["--ro-bind", str(path), str(path)]
+        elif not hide:
             line += ["--bind", str(path), str(path)]
         elif path.is_dir():
             line += ["--tmpfs", str(path)]
             empty_dirs.append(str(path))
         else:
             line += ["--ro-bind", "/dev/null", str(path)]
-    for path in empty_dirs:  # after the binds inside them exist; not recursive, so those stay writable
-        line += ["--remount-ro", path]
+    for directory in empty_dirs:  # after the binds inside them exist; not recursive, so those stay writable
+        line += ["--remount-ro", directory]
     return [*line, "--chdir", str(cwd), "--", *argv]
 
 

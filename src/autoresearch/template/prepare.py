@@ -19,9 +19,11 @@ The settings below come from the lab's autoresearch.toml ([task] and [lab].budge
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ import torch
 
 from autoresearch import data as _data
 from autoresearch.config import load_config
+from autoresearch.data.evalrows import eval_rows
 from autoresearch.data.packing import document_pieces, pack_rows, shuffled_epochs
 from autoresearch.data.tokenizer import BOS_TOKEN, load_encoding
 from autoresearch.devices import detect_device, peak_flops  # noqa: F401  (re-exported for train.py)
@@ -172,24 +175,33 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 # Evaluation (the metric: DO NOT CHANGE)
 # ---------------------------------------------------------------------------
 
+HANDOFF_POLL = 0.05  # seconds between looks for the evaluator's result.json
+
 
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size, split="val"):
     """Bits per byte on the pinned validation split: vocabulary-independent.
+
+    Under `autoresearch run` (AUTORESEARCH_HANDOFF is set) the number does not come from here: the
+    model is handed to the trusted evaluator, which scores it in its own process, and this returns
+    the evaluator's value (see hand_off). Run by hand, it is computed here, as in the original:
 
     Sums the per-token cross-entropy (nats) the model returns for `model(x, y, reduction='none')`,
     sums the exact byte lengths of the target tokens, and converts nats/byte to bits/byte. Special
     tokens (BOS, 0 bytes) count in neither sum. Always the same rows: the first EVAL_TOKENS tokens
     of the split packed at MAX_SEQ_LEN, whatever the batch size, and never more than one pass.
     """
-    _prepared().verify_split(split)  # the pinned split's fingerprint must match the manifest
+    handoff = os.environ.get("AUTORESEARCH_HANDOFF")
+    if handoff:
+        return hand_off(model, Path(handoff))
+    prepared = _prepared()
+    prepared.verify_split(split)  # the pinned split's fingerprint must match the manifest
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device=device)
-    wanted = max(1, EVAL_TOKENS // MAX_SEQ_LEN)
-    rows = itertools.islice(packed_rows(tokenizer, MAX_SEQ_LEN, split, one_pass=True), wanted)
+    rows = eval_rows(tokenizer.enc, prepared.files(split), MAX_SEQ_LEN, EVAL_TOKENS)
     total_nats, total_bytes = 0.0, 0
-    while chunk := [row for row, _ in itertools.islice(rows, batch_size)]:
-        batch = torch.from_numpy(np.stack(chunk)).to(device)
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(rows[start : start + batch_size]).to(device)
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         loss = model(x, y, reduction="none").reshape(-1).float()
         nbytes = token_bytes[y.reshape(-1)]
@@ -197,6 +209,99 @@ def evaluate_bpb(model, tokenizer, batch_size, split="val"):
         total_bytes += nbytes.sum().item()
     assert total_bytes > 0, f"the {split} split produced no tokens to evaluate"
     return total_nats / (math.log(2) * total_bytes)
+
+
+class _Forward(torch.nn.Module):
+    """idx (B, T) -> logits (B, T, V), under the autocast the caller had on (export does not record
+    an autocast entered outside the exported module, only one entered inside it)."""
+
+    def __init__(self, model, autocast_dtype):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, idx):
+        if self.autocast_dtype is None:
+            return self.model(idx)
+        with torch.autocast(idx.device.type, dtype=self.autocast_dtype):
+            return self.model(idx)
+
+
+def _handoff_fail(folder, message):
+    """Record why the model could not be handed over, say it in one line, exit 1."""
+    (folder / "handoff-error.json").write_text(json.dumps({"error": message}) + "\n")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def hand_off(model, folder):
+    """Save the model's forward pass for the trusted evaluator and return the val_bpb it measures.
+
+    Why an exported graph: torch.export records the forward pass `idx (B, T) int64 -> logits
+    (B, T, V)` as a graph of ATen operators plus its weights. The evaluator runs that graph in its
+    own process, outside the sandbox, on the pinned validation split: none of train.py's Python
+    runs there, so train.py cannot wrap or replace the evaluation, print its own number, read the
+    labels, or learn which split is being scored. The evaluator also checks that the graph is
+    causal (changing later tokens must not change earlier logits), that the logits are finite and
+    of the right shape, and that it holds nothing but ATen operators.
+
+    Threats this leaves open:
+      - the weights and constants inside the graph may encode anything the run could read while it
+        trained; that is why the sandbox hides the val and test shards from the run;
+      - a graph can be slow: the evaluator runs under a time limit, and a model that exceeds it fails;
+      - the causality check changes the future at a sample of positions, not all of them: a model
+        that looks ahead at a few positions only may pass, and gains only at those positions;
+      - custom operators registered by train.py (torch.library, C++ extensions) do not exist in the
+        evaluator's process, so such a model is rejected rather than run;
+      - on CUDA with FlashAttention-3 the attention kernel is a custom operator: there export either
+        falls back to SDPA or fails and the model is rejected. Not verified on a GPU.
+
+    Protocol (the loop's side is in autoresearch.evaluator): write model.pt2, then `ready`; wait for
+    result.json, at most AUTORESEARCH_HANDOFF_TIMEOUT seconds (default 600).
+    """
+    if (folder / "ready").exists():
+        _handoff_fail(folder, "evaluate_bpb hands the model to the evaluator once per run: call it once, at the end")
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper shares the module's weights
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    example = torch.randint(0, _prepared().n_vocab, (2, MAX_SEQ_LEN), device=device)
+    try:
+        logits = _Forward(model, autocast_dtype)(example)  # also fills caches a forward builds lazily
+    except Exception as exc:  # noqa: BLE001 - whatever train.py's forward raises, it ends the run here
+        _handoff_fail(folder, f"model(idx) failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != (2, MAX_SEQ_LEN):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        _handoff_fail(folder, f"model(idx) must return logits of shape (B, T, V) = (2, {MAX_SEQ_LEN}, V), not {got}")
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        with torch.autocast(device.type, enabled=False):
+            program = torch.export.export(_Forward(model, autocast_dtype), (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 - export fails in many ways; each ends the run with its reason
+        _handoff_fail(folder, f"the forward pass cannot be exported: {type(exc).__name__}: {exc}".splitlines()[0])
+    with open(folder / "model.pt2.tmp", "wb") as handle:  # a file object: torch warns about the name otherwise
+        torch.export.save(program, handle)
+    os.replace(folder / "model.pt2.tmp", folder / "model.pt2")
+    n_params = sum(p.numel() for p in model.parameters())
+    ready = {"pid": os.getpid(), "time": time.time(), "printed_by": "evaluate_bpb", "n_params": n_params}
+    (folder / "ready.tmp").write_text(json.dumps(ready) + "\n")
+    os.replace(folder / "ready.tmp", folder / "ready")
+    timeout = float(os.environ.get("AUTORESEARCH_HANDOFF_TIMEOUT") or 600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = json.loads((folder / "result.json").read_text())
+            break
+        except (FileNotFoundError, ValueError):  # not written yet, or half written
+            if time.monotonic() > deadline:
+                print(f"error: no result from the evaluator after {timeout:g}s", file=sys.stderr)
+                sys.exit(1)
+            time.sleep(HANDOFF_POLL)
+    if "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr)
+        sys.exit(1)
+    return float(result["val_bpb"])
 
 
 # ---------------------------------------------------------------------------
