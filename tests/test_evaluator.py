@@ -375,3 +375,12 @@ def test_the_evaluator_process_imports_nothing_from_the_lab_or_the_handoff(prepa
     assert isinstance(rejection, Rejection) and rejection.kind == "noncausal", rejection
     assert "position" in rejection.error
     assert not marker.exists()
+
+
+def test_an_evaluation_past_its_time_limit_is_stopped_and_rejected(prepare: ModuleType, lab: Path,
+                                                                  tmp_path: Path) -> None:
+    path = export(prepare, Mixer(vocab(prepare)), tmp_path / "model.pt2")
+    started = time.monotonic()
+    rejection = run_evaluator(path, lab, "val", timeout=0.5)
+    assert isinstance(rejection, Rejection) and rejection.kind == "timeout"
+    assert time.monotonic() - started < 10

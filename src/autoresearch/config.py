@@ -69,7 +69,7 @@ class LabConfig:
     max_pause_seconds: float = 600.0
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # [judge]: noise-aware keep/discard
     sandbox: str = "auto"  # "auto" (bubblewrap when usable, else the best fallback), "bwrap" (required), "none"
-    trusted_eval: bool = False  # built-in task: score the handed-over model in a separate evaluator process
+    trusted_eval: bool = False  # built-in task (default on): score the handed-over model in an evaluator process
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -173,6 +173,7 @@ def parse_config(text: str, root: Path) -> LabConfig:
         max_pause_seconds=_get(agent_t, "max_pause_seconds", float, "agent", 600.0),
         judge=judge,
         sandbox=_sandbox(_get(lab, "sandbox", str, "lab", "auto")),
+        trusted_eval=_get(lab, "trusted_eval", bool, "lab", task is not None),
     )
 
 

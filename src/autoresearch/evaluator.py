@@ -15,8 +15,8 @@ here. Before the graph is scored it must pass, in order:
    real ones, so scoring only the first n_vocab columns would reward a model for padding V;
 3. the causality check (see `check_causal`), and finite logits on every scored row.
 
-Exit status: 0 scored, 2 the model was rejected (kind noncausal, bad_model or timeout), 1 our own
-failure (kind data when the cache is missing or its fingerprint does not match).
+Exit status: 0 scored, 2 the model was rejected (kind noncausal or bad_model), 1 our own failure
+(kind data: the cache is missing, or a split's fingerprint does not match the manifest).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import io
 import json
 import math
 import operator
@@ -47,7 +48,7 @@ from .data import load_encoding, load_prepared, load_token_bytes
 from .data.evalrows import eval_rows
 from .errors import AutoresearchError, ConfigError
 
-BATCH_TOKENS = 1 << 15  # tokens per forward pass of the evaluation (rows = BATCH_TOKENS // T)
+BATCH_TOKENS = 1 << 14  # tokens per forward pass (rows = BATCH_TOKENS // T): 256 MB of fp32 logits at V=4096
 CAUSAL_ROWS = 4  # rows of real tokens the causality check perturbs
 CAUSAL_CUTS = 64  # positions per row whose future it replaces: all of them when T - 1 <= this
 # Relative to the largest |logit|. A causal model's earlier logits do not depend on later tokens at
@@ -58,9 +59,11 @@ CAUSAL_TOLERANCE = 1e-4
 REJECTED, FAILED = 2, 1  # exit statuses
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]*")
+# keys whose strings may hold any text: debugging metadata, pytree specs (JSON resolved against a registry)
+# and string arguments, which FX code generation writes with repr(); checked against torch 2.13
 _FREE_TEXT = {"stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom", "from_node",
-              "in_spec", "out_spec", "as_string", "as_strings", "torch_version"}  # repr'd or never code
-_EXPR_TOKEN = re.compile(r"\s*(?:\d+(?:\.\d+)?|'[a-z]+\d+'|([A-Za-z_]\w*)|[-+*/%(),<>=!])")
+              "in_spec", "out_spec", "as_string", "as_strings", "torch_version"}
+_EXPR_TOKEN = re.compile(r"\s*(?:\d+(?:\.\d+)?|'[a-z]+\d+'|([A-Za-z_]\w*)|!=|[-+*/%(),<>=])")
 _EXPR_WORDS = {"positive", "integer", "nonnegative", "negative", "real", "finite", "oo", "zoo", "nan"}
 _OPERATOR_FUNCS = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "eq", "ne",
                    "lt", "le", "gt", "ge", "and_", "or_", "lshift", "rshift", "trunc"}
@@ -70,7 +73,7 @@ _ARCHIVE_ROOT = {"archive_format", "archive_version", "byteorder", ".data/versio
 
 
 class EvaluationRejected(AutoresearchError):
-    """The model cannot be scored: `kind` is noncausal, bad_model or timeout."""
+    """The model cannot be scored: `kind` is noncausal or bad_model."""
 
     def __init__(self, message: str, kind: str = "bad_model") -> None:
         super().__init__(message)
@@ -102,7 +105,7 @@ class EvalResult:
 class Rejection:
     """A model the evaluator refused, and why."""
 
-    kind: str  # noncausal, bad_model or timeout
+    kind: str  # noncausal, bad_model, timeout or crash
     error: str
 
 
@@ -150,10 +153,10 @@ def _check_target(target: str) -> None:
                                  "(custom ops, torch.library, extensions and FlashAttention kernels are not)")
 
 
-def check_archive(path: Path) -> None:
-    """Reject a .pt2 file that holds anything but JSON, raw tensor bytes and allowed names."""
+def check_archive(data: bytes) -> None:
+    """Reject a .pt2 archive that holds anything but JSON, raw tensor bytes and allowed names."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()
             roots = {name.split("/", 1)[0] for name in names}
             if len(roots) != 1:
@@ -199,11 +202,19 @@ def _weights_only() -> Iterator[None]:
 
 
 def load_program(path: Path, device: str) -> torch.nn.Module:
-    """The checked, loaded graph as a callable module on `device`."""
-    check_archive(path)
+    """The checked, loaded graph as a callable module on `device`.
+
+    The file is read once: the run that wrote it may still be writing to its folder, and what is
+    checked must be what is loaded.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise EvaluationRejected(f"the saved model cannot be read: {exc}") from None
+    check_archive(data)
     try:
         with _weights_only():
-            program = torch.export.load(path)
+            program = torch.export.load(io.BytesIO(data))
         if len(program.graph_signature.user_inputs) != 1:
             raise EvaluationRejected("the exported forward must take one input, idx (B, T)")
         python_ops = {getattr(module, name) for module, names in ((operator, _OPERATOR_FUNCS), (torch, _SYM_FUNCS),
@@ -320,7 +331,9 @@ def run_evaluator(model_path: Path, lab: Path, split: str = "val", timeout: floa
 
     It starts in an empty temporary directory with PYTHONSAFEPATH set, so neither the lab's nor the
     handoff folder's files can shadow a module it imports; secrets are left out of its environment.
-    EvaluatorFailed when it fails for a reason that is not the model's.
+    A Rejection when the model is refused, runs past `timeout` (kind timeout) or takes the process
+    down without a result (kind crash: out of memory, a kernel fault); EvaluatorFailed when the
+    evaluator reports a failure of its own (the cache is missing or does not match its manifest).
     """
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if not any(fnmatch.fnmatchcase(k.upper(), p.upper())
@@ -346,7 +359,8 @@ def run_evaluator(model_path: Path, lab: Path, split: str = "val", timeout: floa
         try:
             result = json.loads(out.read_text())
         except (OSError, ValueError):
-            raise EvaluatorFailed(f"the evaluator exited with status {code} and no result: {tail.strip()[-500:]}") from None
+            last = tail.strip().splitlines()[-1:] or ["no output"]
+            return Rejection("crash", f"the evaluator died with status {code} while scoring the model: {last[0]}")
     if code == 0 and f"{split}_bpb" in result:
         return EvalResult(split, float(result[f"{split}_bpb"]), int(result["tokens"]), int(result["bytes"]),
                           float(result["seconds"]), str(result["fingerprint"]), bool(result["causal"]))

@@ -35,7 +35,7 @@ from .view import View
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
 OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
 FIXABLE = ("crash", "oom", "nan")  # outcomes an agent may repair; a timeout is not a bug to patch
-CRASH_STATUS = {"crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
+CRASH_STATUS = {"invalid": "invalid", "crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
 
 
 class LoopError(AutoresearchError):
@@ -518,12 +518,18 @@ class Loop:
             self.view.started(e, limit)
             self._start_prefetch(e)
             scratch = self.lab.state_dir / "scratch" / f"{eid:05d}"
+            trusted = _TrustedEval(self, scratch / "handoff") if self._trusted() else None
+            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}"}
+            if trusted is not None:
+                extra_env.update(AUTORESEARCH_HANDOFF=str(trusted.folder),
+                                 AUTORESEARCH_HANDOFF_TIMEOUT=f"{self.config.eval_allowance:g}")
             spec = runner_mod.RunSpec(
+                handoff_dir=trusted.folder if trusted else None, on_handoff=trusted.evaluate if trusted else None,
                 sandbox=self.config.sandbox, writable=(scratch,), hidden=self._hidden(),
                 readable=self._readable(),
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
-                env=dict(os.environ), extra_env={"AUTORESEARCH_BUDGET": f"{self.budget:g}"},
+                env=dict(os.environ), extra_env=extra_env,
                 secret_patterns=self.config.secret_env, log_cap_bytes=int(self.config.log_cap_mb * 2**20),
                 memory_limit_bytes=int(self.config.memory_limit_gb * 2**30) if self.config.memory_limit_gb else None,
                 on_start=lambda pid, pgid: self.ledger.update(eid, pid=pid, pgid=pgid),
@@ -538,10 +544,17 @@ class Loop:
                 raise
             metric = self._metric(result)
             memory = result.summary.get("peak_vram_mb")
+            outcome, reason, printed = result.outcome, result.error, None
+            if trusted is not None:
+                printed, metric = metric, trusted.bpb
+                if outcome == "ok":
+                    problem = trusted.problem(result, printed, self.budget + self.config.startup_allowance)
+                    if problem:
+                        outcome, reason = "invalid", problem
             self.ledger.update(
-                eid, outcome=result.outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
-                metric=metric, memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024),
-                reason=result.error,
+                eid, outcome=outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
+                metric=metric, printed_metric=printed, handoff_seconds=result.handoff_seconds,
+                memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024), reason=reason,
             )
             e = self.ledger.get(eid)
         return e
@@ -560,6 +573,18 @@ class Loop:
             except AutoresearchError:
                 pass  # not prepared: the run stops with its own message
         return tuple(hidden)
+
+    def trusted_lab(self) -> Path:
+        """A copy of the baseline commit's autoresearch.toml, outside the run's reach: the evaluator
+        reads the task (dataset, sequence length, evaluation tokens) from it, never from the worktree."""
+        folder = self.lab.state_dir / "trusted" / self.tag
+        first = next(e for e in self.ledger.experiments(self.tag) if e.kind == "baseline")
+        text = self.git.show(first.commit_sha or first.parent_commit, "autoresearch.toml")
+        if text is None:
+            raise LoopError("the baseline commit has no autoresearch.toml")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "autoresearch.toml").write_bytes(text)
+        return folder
 
     def _trusted(self) -> bool:
         """The built-in task's metric comes from the trusted evaluator, not from the run's output."""
@@ -644,6 +669,41 @@ class Loop:
             raise KeyboardInterrupt
         self._stop_requested = True
         self.view.message("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again abandons it)")
+
+
+class _TrustedEval:
+    """The trusted half of one run: when the run hands its model over, score it in a separate
+    evaluator process and answer the run; afterwards, say what (if anything) disqualifies it."""
+
+    def __init__(self, loop: Loop, folder: Path) -> None:
+        self.loop, self.folder = loop, folder
+        self.lab = loop.trusted_lab()  # here, in the loop's thread: evaluate() runs in the runner's
+        self.bpb: float | None = None
+        self.rejection: str | None = None
+
+    def evaluate(self, folder: Path) -> None:
+        from .evaluator import Rejection, run_evaluator
+
+        result = run_evaluator(folder / "model.pt2", self.lab, "val",
+                               timeout=self.loop.config.eval_allowance)
+        if isinstance(result, Rejection):
+            self.rejection = f"{result.kind}: {result.error}"
+            runner_mod.write_handoff_result(folder, {"error": f"the evaluator rejected the model ({self.rejection})"})
+            return
+        self.bpb = result.bpb
+        runner_mod.write_handoff_result(folder, {"val_bpb": result.bpb})
+
+    def problem(self, result: runner_mod.RunResult, printed: float | None, limit: float) -> str | None:
+        if self.rejection:
+            return f"the evaluator rejected the model: {self.rejection}"
+        if result.handoff_seconds is None or self.bpb is None:
+            return "the run never handed its model to the evaluator (train.py must call prepare.evaluate_bpb)"
+        if result.handoff_seconds > limit:
+            return (f"trained past the budget: the model was handed over after {result.handoff_seconds:.1f} s "
+                    f"(budget {self.loop.budget:g} s + start-up allowance {self.loop.config.startup_allowance:g} s)")
+        if printed is not None and abs(printed - self.bpb) > 1e-4 * max(1.0, abs(self.bpb)):
+            return f"the run printed val_bpb {printed:.6f} but the trusted evaluation is {self.bpb:.6f}"
+        return None
 
 
 class _Prefetch:

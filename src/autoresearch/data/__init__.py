@@ -119,16 +119,20 @@ def _train(data: PreparedData, say: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
-def load_prepared(spec: str, vocab_size: int) -> PreparedData:
+def load_prepared(spec: str, vocab_size: int, splits: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
     """The prepared dataset, checked cheaply (file sizes, the tokenizer's sha256), not re-hashed.
 
-    DataNotPrepared when something was never prepared; CacheCorrupt when a file differs.
+    Only the shards of `splits` are checked: an experiment in the sandbox cannot see the validation
+    and test shards, and needs only the training split. DataNotPrepared when something was never
+    prepared; CacheCorrupt when a file differs.
     """
     root = dataset_dir(spec)
     manifest = read_manifest(root)
     if manifest is None:
         raise DataNotPrepared(f"dataset {spec} is not prepared (no {root / 'manifest.json'})", PREPARE_HINT)
     for entry in manifest["shards"]:
+        if entry["split"] not in splits:
+            continue
         path = root / SHARDS_DIR / entry["name"]
         if not path.is_file():
             raise DataNotPrepared(f"shard {path} is missing", PREPARE_HINT)

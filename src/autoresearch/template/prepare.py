@@ -65,7 +65,10 @@ TRAIN_SEED = 1337  # document order of the training split (a new seeded order ev
 def _prepared():
     """The lab's dataset in the cache; a one-line error and exit 1 when it is missing or damaged."""
     try:
-        return _data.load_prepared(DATASET, VOCAB_SIZE)
+        # Under autoresearch the model is handed to a trusted evaluator and the validation and test
+        # shards are out of the run's reach: only the training split is checked here.
+        splits = ("train",) if os.environ.get("AUTORESEARCH_HANDOFF") else ("train", "val", "test")
+        return _data.load_prepared(DATASET, VOCAB_SIZE, splits)
     except AutoresearchError as exc:
         sys.exit(f"error: {exc}")
 
@@ -248,13 +251,20 @@ def hand_off(model, folder):
     Threats this leaves open:
       - the weights and constants inside the graph may encode anything the run could read while it
         trained; that is why the sandbox hides the val and test shards from the run;
-      - a graph can be slow: the evaluator runs under a time limit, and a model that exceeds it fails;
-      - the causality check changes the future at a sample of positions, not all of them: a model
-        that looks ahead at a few positions only may pass, and gains only at those positions;
+      - a graph can be slow or hungry: the evaluator runs under a time limit, and a model that
+        exceeds it, or takes the evaluator's process down, is rejected;
+      - the causality check replaces the future at up to 64 positions per row (every position at
+        the tiny preset's T = 64), not all of them: a model that looks ahead at a few positions
+        only may pass, and gains only at those positions;
       - custom operators registered by train.py (torch.library, C++ extensions) do not exist in the
         evaluator's process, so such a model is rejected rather than run;
-      - on CUDA with FlashAttention-3 the attention kernel is a custom operator: there export either
-        falls back to SDPA or fails and the model is rejected. Not verified on a GPU.
+      - on CUDA with FlashAttention-3 the attention kernel is not an ATen operator: export fails or
+        records a custom op, and the model is rejected, unless train.py takes its SDPA path while
+        torch.compiler.is_exporting() is true. Not verified on a GPU;
+      - reading a .pt2 file means unpickling and generating Python code, so a doctored file could
+        run code in the evaluator: it accepts only raw tensors, ATen operators, plain names and
+        arithmetic shape expressions before torch reads the file (checked against torch 2.13; a
+        new torch version needs the check reviewed).
 
     Protocol (the loop's side is in autoresearch.evaluator): write model.pt2, then `ready`; wait for
     result.json, at most AUTORESEARCH_HANDOFF_TIMEOUT seconds (default 600).
