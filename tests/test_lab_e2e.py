@@ -156,6 +156,16 @@ def test_demo(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatc
     assert "baseline val_bpb" in (demo / "report.md").read_text()
     rows = (demo / "results.tsv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].split("\t")[3] == "keep"
+    proc = run_cli("status", "--json", cwd=demo)
+    import json
+
+    data = json.loads(proc.stdout)["experiments"]
+    base = data[0]
+    assert base["kind"] == "baseline" and base["sandbox"] == "bwrap"
+    assert base["test_metric"] is not None and 0 < base["test_metric"] < 9  # held out, measured for champions
+    assert base["printed_metric"] == pytest.approx(base["metric"], rel=1e-4)  # the run printed the trusted value
+    assert base["handoff_seconds"] is not None and base["handoff_seconds"] < 2 + 60
+    assert "held-out test split" in (demo / "report.md").read_text()
 
 
 def test_an_epoch_of_the_split_sees_nearly_every_token(lab: Path) -> None:

@@ -61,10 +61,10 @@ def train():
     return module
 
 
-def make_model(train, *, T=32, V=97, depth=2, dim=64, heads=2, pattern="L", chunk=0, seed=0):
+def make_model(train, *, T=32, V=97, depth=2, dim=64, heads=2, pattern="L", chunk=0, seed=0, dtype="float32"):
     torch.manual_seed(seed)
     config = train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=depth, n_head=heads, n_kv_head=heads,
-                             n_embd=dim, window_pattern=pattern, loss_chunk=chunk)
+                             n_embd=dim, window_pattern=pattern, loss_chunk=chunk, compute_dtype=dtype)
     model = train.GPT(config)
     model.init_weights()
     # the init zeroes output projections and the value-embedding gates; randomise them so every
@@ -129,11 +129,14 @@ def test_chunked_loss_matches_plain_loss_and_gradients(train, chunk):
 
 
 def test_bf16_autocast_close_to_fp32(train):
-    model = make_model(train, chunk=16)
+    exact_model = make_model(train, chunk=16)
+    model = make_model(train, chunk=16, dtype="bfloat16")
+    model.load_state_dict(exact_model.state_dict())
     x = torch.randint(0, 97, (2, 32))
     y = torch.randint(0, 97, (2, 32))
-    exact = model(x, y)
+    exact = exact_model(x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x, y, reduction="none").numel() == 64
         approx = model(x, y)
         approx.backward()
     assert approx.dtype == torch.float32

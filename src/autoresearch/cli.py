@@ -144,12 +144,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"run {tag}", header_style="bold")
-    for name in ("id", "commit", "metric", "delta", "status", "seconds", "description"):
-        table.add_column(name, justify="right" if name in ("id", "metric", "delta", "seconds") else "left")
+    for name in ("id", "commit", "metric", "delta", "test", "status", "seconds", "sandbox", "description"):
+        table.add_column(name, justify="right" if name in ("id", "metric", "delta", "test", "seconds") else "left")
     for r in rows:
         table.add_row(str(r["id"]), r["commit"], "" if r["metric"] is None else f"{r['metric']:.6f}",
-                      "" if r["delta"] is None else f"{r['delta']:+.6f}", r["status"],
-                      "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["description"])
+                      "" if r["delta"] is None else f"{r['delta']:+.6f}",
+                      "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
+                      "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["sandbox"] or "",
+                      r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else ""))
     Console().print(table)
     return 0
 

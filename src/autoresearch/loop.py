@@ -490,6 +490,7 @@ class Loop:
             status, reason = self._failure(e)
         self.ledger.update(e.id, status=status, reason=reason, finished_at=time.time())
         e = self.ledger.get(e.id)
+        self._drop_scratch(e)
         self.view.finished(e, self.champion()[1])
         return e
 
@@ -645,9 +646,41 @@ class Loop:
         e = self.ledger.get(e.id)
         if status == "keep" and e.kind != "baseline":
             self._advance(commit, e.commit_sha)
+        if status == "keep":
+            e = self._measure_test(e)
+        else:
+            self._drop_scratch(e)
         self.view.finished(e, champion_metric)
         self._export()
         return e
+
+    def _scratch(self, e: Experiment) -> Path:
+        return self.lab.state_dir / "scratch" / f"{e.id:05d}"
+
+    def _drop_scratch(self, e: Experiment) -> None:
+        """A discarded run's model is not needed again (a champion's is kept for the test split)."""
+        import shutil
+
+        shutil.rmtree(self._scratch(e), ignore_errors=True)
+
+    def _measure_test(self, e: Experiment) -> Experiment:
+        """Score a new champion on the held-out test split. Never used for any decision: it is there
+        so that overfitting the validation split through many selections becomes visible."""
+        model = self._scratch(e) / "handoff" / "model.pt2"
+        if not self._trusted() or not model.is_file():
+            return e
+        from .evaluator import EvaluatorFailed, Rejection, run_evaluator
+
+        try:
+            result = run_evaluator(model, self.trusted_lab(), "test", timeout=self.config.eval_allowance)
+        except EvaluatorFailed as exc:
+            self.view.message(f"test split not measured for #{e.id}: {exc}")
+            return e
+        if isinstance(result, Rejection):
+            self.view.message(f"test split not measured for #{e.id}: {result.error}")
+            return e
+        self.ledger.update(e.id, test_metric=result.bpb)
+        return self.ledger.get(e.id)
 
     def _advance(self, old: str | None, new: str | None) -> None:
         assert new is not None

@@ -20,7 +20,9 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             "delta": delta, "status": e.status, "reason": e.reason, "seconds": e.run_seconds,
             "description": e.description, "rationale": e.rationale, "lines_changed": e.lines_changed,
             "memory_gb": e.memory_gb, "agent": e.agent, "parent_commit": e.parent_commit[:7],
-            "summary": e.summary,
+            "summary": e.summary, "test_metric": e.test_metric, "printed_metric": e.printed_metric,
+            "sigma": e.sigma, "repeat_of": e.repeat_of, "sandbox": e.sandbox, "handoff_seconds": e.handoff_seconds,
+            "cost_usd": e.cost_usd,
         })
     return rows
 
@@ -58,6 +60,10 @@ def plot_progress(experiments: list[Experiment], path: Path, metric: str, direct
         for i, y in kept[1:]:
             ax.annotate(experiments[i].description[:40], (i, y), textcoords="offset points", xytext=(4, 6),
                         fontsize=7, color="#2c6e2c", rotation=20)
+    tested = [(i, e.test_metric) for i, e in enumerate(experiments) if e.status == "keep" and e.test_metric is not None]
+    if tested:
+        ax.plot(*zip(*tested), marker="s", markersize=4, linestyle="--", color="#1f77b4", label="champion on test split",
+                zorder=2, drawstyle="steps-post")
     failed = [i for i, e in enumerate(experiments) if e.metric is None and e.status not in ("running", "pending")]
     if failed and measured:
         low = min(e.metric for _, e in measured if e.metric is not None)
@@ -76,7 +82,8 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
     """Write progress.png and report.md into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     png, md = out / "progress.png", out / "report.md"
-    done = [e for e in experiments if e.status not in ("pending", "running")]
+    done = [e for e in experiments if e.status not in ("pending", "running") and e.kind != "repeat"]
+    repeats = [e for e in experiments if e.kind == "repeat"]
     plot_progress(done, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments")
     kept = [e for e in done if e.status == "keep"]
     counts: dict[str, int] = {}
@@ -88,9 +95,16 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
         assert base.metric is not None and best.metric is not None
         lines += [f"- baseline {metric}: {base.metric:.6f}", f"- champion {metric}: {best.metric:.6f} "
                   f"({best.metric - base.metric:+.6f}) at `{best.short_commit}`"]
+        if base.test_metric is not None and best.test_metric is not None:
+            lines.append(f"- held-out test split (never used for decisions): baseline {base.test_metric:.6f}, "
+                         f"champion {best.test_metric:.6f} ({best.test_metric - base.test_metric:+.6f})")
+        sigmas = [e.sigma for e in done if e.sigma is not None]
+        if sigmas:
+            lines.append(f"- run-to-run noise σ: {sigmas[-1]:.6f}; {len(repeats)} repeat runs (baseline, "
+                         "confirmations, champion re-measurements)")
     lines += ["- experiments: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), "",
-              "![progress](progress.png)", "", "| # | commit | metric | delta | status | seconds | description |",
-              "|---:|---|---:|---:|---|---:|---|"]
+              "![progress](progress.png)", "", "| # | commit | metric | delta | test | status | seconds | description |",
+              "|---:|---|---:|---:|---:|---|---:|---|"]
     for r in status_rows(done):
         metric_s = "" if r["metric"] is None else f"{r['metric']:.6f}"
         delta_s = "" if r["delta"] is None else f"{r['delta']:+.6f}"
@@ -98,7 +112,8 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
         desc = r["description"].replace("|", "\\|")
         if r["reason"] and r["status"] not in ("keep", "discard"):
             desc += f" ({r['reason'].replace('|', '/')})"
-        lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {r['status']} | {secs} | {desc} |")
+        test_s = "" if r["test_metric"] is None else f"{r['test_metric']:.6f}"
+        lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {test_s} | {r['status']} | {secs} | {desc} |")
     changes = [e for e in kept if e.kind != "baseline"]
     if changes:
         lines += ["", "## Kept changes", ""]

@@ -46,6 +46,7 @@ class GPTConfig:
     window_pattern: str = "SSSL"
     softcap: float = 15.0
     loss_chunk: int = 0  # rows of logits per chunk in the fused loss; 0 = plain loss over all logits
+    compute_dtype: str = "float32"  # the residual stream's dtype: "bfloat16" under bf16 autocast
 
 
 def norm(x):
@@ -317,19 +318,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         B, T = idx.shape
         assert T <= self.config.sequence_len, f"sequence of {T} tokens exceeds {self.config.sequence_len}"
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
-        if dtype is not None:  # rotary tables in fp32 would promote bf16 q and k back to fp32
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.wte(idx)
-        if dtype is not None:  # the residual stream in bf16 too: half the memory traffic
-            x = x.to(dtype)
-        x = x0 = norm(x)
+        # activations in the compute dtype, bf16 under autocast: half the memory traffic, and
+        # fp32 rotary tables would promote bf16 q and k back to fp32
+        dtype = getattr(torch, self.config.compute_dtype)
+        cos, sin = self.cos[:, :T].to(dtype), self.sin[:, :T].to(dtype)
+        x = x0 = norm(self.wte(idx).to(dtype))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            if ve is not None and dtype is not None:
-                ve = ve.to(dtype)
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i])
         x = norm(x)
         softcap, chunk = self.config.softcap, self.config.loss_chunk
@@ -337,9 +333,7 @@ class GPT(nn.Module):
             return softcap * torch.tanh(self.lm_head(x).float() / softcap)
         h, t = x.reshape(B * T, -1), targets.reshape(B * T)
         if chunk:
-            w = self.lm_head.weight
-            if dtype is not None:
-                h, w = h.to(dtype), w.to(dtype)
+            w = self.lm_head.weight.to(dtype)
             if reduction == "none" or not torch.is_grad_enabled():
                 losses = chunked_loss(h, w, t, softcap, chunk)
                 return losses if reduction == "none" else losses.sum() / (t >= 0).sum().clamp(min=1)
@@ -488,7 +482,7 @@ WARMDOWN_RATIO = 0.5           # fraction of the budget spent decaying LRs at th
 FINAL_LR_FRAC = 0.0            # LR at the end, as a fraction of the peak
 # numerics and speed
 SOFTCAP = 15.0                 # logits = SOFTCAP * tanh(logits / SOFTCAP)
-LOSS_CHUNK = 1024              # logit rows per chunk of the fused loss off CUDA; 0 = plain loss
+LOSS_CHUNK = 256               # logit rows per chunk of the fused loss off CUDA; 0 = plain loss
 CPU_BF16 = True                # bf16 autocast on CPU: see the setup section for the measurement
 COMPILE = True                 # torch.compile the model on CUDA (never elsewhere: see setup)
 
@@ -543,13 +537,6 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 if __name__ == "__main__":
     torch.manual_seed(42)
     device = detect_device()
@@ -572,6 +559,7 @@ if __name__ == "__main__":
         sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
         n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
         softcap=SOFTCAP, loss_chunk=0 if device.type == "cuda" else LOSS_CHUNK,
+        compute_dtype="bfloat16" if use_bf16 else "float32",
     )
     with torch.device(device):
         model = GPT(config)
