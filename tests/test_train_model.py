@@ -184,6 +184,15 @@ def test_attention_matches_reference_with_gradients(train, window):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [1040, 300])
+def test_sdpa_branch_for_long_contexts(train, window):
+    """Past 1024 tokens the CPU also takes the SDPA branch that CUDA and MPS use."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1040, 1, 8) for _ in range(3))
+    torch.testing.assert_close(train.attention(q, k, v, window), reference_attention(q, k, v, window),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_sdpa_path_matches_matmul_path(train, monkeypatch):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 32, 2, 8) for _ in range(3))

@@ -548,7 +548,7 @@ class Loop:
             outcome, reason, printed = result.outcome, result.error, None
             if trusted is not None:
                 printed, metric = metric, trusted.bpb
-                if outcome == "ok":
+                if trusted.rejection or outcome == "ok":  # a rejected model makes the run exit 1 too
                     problem = trusted.problem(result, printed, self.budget + self.config.startup_allowance)
                     if problem:
                         outcome, reason = "invalid", problem
