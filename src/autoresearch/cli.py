@@ -124,17 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show every experiment: id, commit, metric, change vs the champion, status, seconds, description."""
-    from .ledger import Ledger
-    from .loop import default_tag, ledger_path
     from .report import status_rows
 
-    lab = find_lab()
-    path = ledger_path(lab)
-    if not path.exists():
-        raise ConfigError("no experiments yet in this lab", "start them with `autoresearch run`")
-    tag = args.tag or default_tag(lab)
-    with Ledger(path) as ledger:
-        rows = status_rows(ledger.experiments(tag))
+    _, tag, experiments = _recorded(args)
+    rows = status_rows(experiments)
     if args.json:
         import json
 
@@ -143,35 +136,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run {tag}", header_style="bold")
-    for name in ("id", "commit", "metric", "delta", "test", "status", "seconds", "sandbox", "description"):
+    modes = sorted({r["sandbox"] for r in rows if r["sandbox"]})
+    table = Table(title=f"run {tag}" + (f" (sandbox: {', '.join(modes)})" if modes else ""), header_style="bold")
+    for name in ("id", "commit", "metric", "delta", "test", "status", "seconds", "description"):
         table.add_column(name, justify="right" if name in ("id", "metric", "delta", "test", "seconds") else "left")
     for r in rows:
         table.add_row(str(r["id"]), r["commit"], "" if r["metric"] is None else f"{r['metric']:.6f}",
                       "" if r["delta"] is None else f"{r['delta']:+.6f}",
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
-                      "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["sandbox"] or "",
+                      "" if r["seconds"] is None else f"{r['seconds']:.0f}",
                       r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else ""))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write progress.png (metric per experiment, kept ones highlighted, running best) and report.md."""
+    from .report import write_report
+
+    lab, tag, experiments = _recorded(args)
+    out = Path(args.out) if args.out else lab.root
+    png, md = write_report(experiments, out, lab.config.metric.name, lab.config.metric.direction, tag)
+    print(f"wrote {png} and {md}")
+    return 0
+
+
+def _recorded(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """(lab, tag, experiments) for `status` and `report`: --tag, else the latest run."""
     from .ledger import Ledger
     from .loop import default_tag, ledger_path
-    from .report import write_report
 
     lab = find_lab()
     path = ledger_path(lab)
     if not path.exists():
         raise ConfigError("no experiments yet in this lab", "start them with `autoresearch run`")
     tag = args.tag or default_tag(lab)
-    out = Path(args.out) if args.out else lab.root
     with Ledger(path) as ledger:
-        png, md = write_report(ledger.experiments(tag), out, lab.config.metric.name, lab.config.metric.direction, tag)
-    print(f"wrote {png} and {md}")
-    return 0
+        experiments = ledger.experiments(tag)
+    if not experiments:
+        raise ConfigError(f"no experiments with tag {tag!r}", "see the tags with `autoresearch status --tag NAME`")
+    return lab, tag, experiments
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
