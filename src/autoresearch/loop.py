@@ -521,6 +521,9 @@ class Loop:
             scratch = self.lab.state_dir / "scratch" / f"{eid:05d}"
             trusted = _TrustedEval(self, scratch / "handoff") if self._trusted() else None
             extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}"}
+            if os.environ.get("PYTHONPATH"):  # the run starts in the worktree: relative entries would break
+                extra_env["PYTHONPATH"] = os.pathsep.join(
+                    str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
             if trusted is not None:
                 extra_env.update(AUTORESEARCH_HANDOFF=str(trusted.folder),
                                  AUTORESEARCH_HANDOFF_TIMEOUT=f"{self.config.eval_allowance:g}")
@@ -597,7 +600,7 @@ class Loop:
         from . import settings
 
         paths = [settings.cache_dir(), Path(sys.prefix), Path(__file__).resolve().parent.parent]
-        paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        paths += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         return tuple(paths)
 
     def _metric(self, result: runner_mod.RunResult) -> float | None:
