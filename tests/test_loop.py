@@ -159,7 +159,7 @@ def test_timeout_is_classified_and_the_loop_goes_on(tmp_path: Path) -> None:
     repo = make_target(tmp_path)
     toml = repo / "autoresearch.toml"
     toml.write_text(toml.read_text().replace("startup_allowance = 60", "startup_allowance = 1")
-                    .replace("eval_allowance = 60", "eval_allowance = 1").replace("budget = 5", "budget = 1"))
+                    .replace("eval_allowance = 120", "eval_allowance = 1").replace("budget = 5", "budget = 1"))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short limits")
     slow = BENCH.replace("PAUSE = 0.0 ", "PAUSE = 60.0")
     better = BENCH.replace("WIDTH = 10 ", "WIDTH = 16 ")

@@ -58,7 +58,7 @@ class LabConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     task: TaskConfig | None = None
     startup_allowance: float = 60.0  # seconds added to the limit for start-up and compilation
-    eval_allowance: float = 60.0  # seconds added to the limit for the final evaluation
+    eval_allowance: float = 120.0  # seconds added to the limit for the final (trusted) evaluation
     secret_env: tuple[str, ...] = SECRET_PATTERNS  # environment variables never passed to a run
     log_cap_mb: float = 10.0  # output kept per experiment (head and tail)
     memory_limit_gb: float | None = None  # address-space limit of a run (Linux/macOS)
@@ -162,7 +162,7 @@ def parse_config(text: str, root: Path) -> LabConfig:
         metric=metric,
         task=task,
         startup_allowance=_get(lab, "startup_allowance", float, "lab", 60.0),
-        eval_allowance=_get(lab, "eval_allowance", float, "lab", 60.0),
+        eval_allowance=_get(lab, "eval_allowance", float, "lab", 120.0),
         secret_env=_strings(lab, "secret_env", "lab") or SECRET_PATTERNS,
         log_cap_mb=_get(lab, "log_cap_mb", float, "lab", 10.0),
         memory_limit_gb=memory,
@@ -206,7 +206,7 @@ def render_config(
         f"frozen = {strings(frozen)}  # hashed and checked before every run",
         'sandbox = "auto"               # runs see no network, no ledger, no validation data ("none" to disable)',
         "startup_allowance = 60         # seconds added to the limit for start-up and compilation",
-        "eval_allowance = 60            # seconds added to the limit for the final evaluation",
+        "eval_allowance = 120           # seconds added to the limit for the final (trusted) evaluation",
         "",
         "[agent]",
         'name = "hparam"                # default for `autoresearch run`; override with --agent',
