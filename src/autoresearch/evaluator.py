@@ -49,8 +49,8 @@ from .data.evalrows import eval_rows
 from .errors import AutoresearchError, ConfigError
 
 BATCH_TOKENS = 1 << 14  # tokens per forward pass (rows = BATCH_TOKENS // T): 256 MB of fp32 logits at V=4096
-CAUSAL_ROWS = 4  # rows of real tokens the causality check perturbs
-CAUSAL_CUTS = 16  # positions per row whose future it replaces (0 and T-2 always): 64 rows in all, half an evaluation at the cpu preset
+CAUSAL_ROWS = 2  # rows of real tokens the causality check perturbs: 128 rows in all, about one evaluation at the cpu preset
+CAUSAL_CUTS = 64  # positions per row whose future it replaces (0 and T-2 always): every position when T <= 65
 # Relative to the largest |logit|. A causal model's earlier logits do not depend on later tokens at
 # all: the same kernels run on the same shapes, so they come out bit for bit the same in float32 or
 # bfloat16 (measured: 0.0 for the lab's GPT on CPU). A real look-ahead moves them by O(0.1); a leak
