@@ -116,7 +116,7 @@ class MatmulAttention(torch.autograd.Function):
 def attention(q, k, v, window):
     # q, k, v: (B, T, H, D). A query sees `window` tokens, itself included.
     T = q.size(1)
-    if FLASH_ATTN_3 is not None and q.is_cuda:
+    if FLASH_ATTN_3 is not None and q.is_cuda and not torch.compiler.is_exporting():  # FA3 is a custom op: export uses SDPA
         out = FLASH_ATTN_3(q, k, v, causal=True, window_size=(window - 1, 0))
         return out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
     if k.size(2) != q.size(2):  # grouped-query attention: share each k/v head among q heads
