@@ -42,8 +42,10 @@ def main() -> None:
         patches = Path(tmp) / "patches"
         patches.mkdir()
         lines = train.splitlines(True)
+        spacing = max(8, len(lines) // (args.noops + 1))
         for i in range(args.noops):
-            changed = [*lines[:1], f"# no-op {i}\n", *lines[1:]]  # a comment: changes nothing that runs
+            at = (i + 1) * spacing  # far apart, so a kept no-op does not conflict with the next ones
+            changed = [*lines[:at], f"# no-op {i}\n", *lines[at:]]  # a comment: changes nothing that runs
             body = "".join(difflib.unified_diff(lines, changed, "a/train.py", "b/train.py"))
             (patches / f"{i:03d}.patch").write_text(f"no-op {i}: a comment\n\n{body}")
         lab = find_lab(lab.root)
