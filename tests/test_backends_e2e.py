@@ -27,6 +27,10 @@ def lab(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert run_cli("init", "lab", "--preset", "tiny", "--budget", "2", cwd=tmp_path).returncode == 0
     proc = run_cli("prepare", cwd=tmp_path / "lab")
     assert proc.returncode == 0, proc.stderr
+    toml = tmp_path / "lab" / "autoresearch.toml"  # the judge's repeats are tested elsewhere: keep these short
+    toml.write_text(toml.read_text().replace('mode = "noise"', 'mode = "strict"'))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "strict judge"],
+                   cwd=tmp_path / "lab", check=True)
     return tmp_path / "lab"
 
 
