@@ -109,7 +109,11 @@ def bwrap_argv(bwrap: str, argv: Sequence[str], cwd: Path, writable: Iterable[Pa
     # A mount hides what was beneath it, and the worktree lives inside the hidden state directory, so
     # parents go before children: a hidden directory first, then the writable paths bound back into it
     # (bwrap makes their mount points in the tmpfs). At the same depth the hiding goes last and wins.
-    mounts = [(p, 1) for p in dict.fromkeys(Path(r).resolve() for r in readable) if p.exists()]
+    # The interpreter and this package stay readable even when they live under /tmp, which becomes a
+    # fresh tmpfs inside (a virtualenv or a checkout there would vanish otherwise).
+    needed = (Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent.parent,
+              Path(__file__).resolve().parent.parent)
+    mounts = [(p, 1) for p in dict.fromkeys(Path(r).resolve() for r in (*readable, *needed)) if p.exists()]
     mounts += [(p, 2) for p in dict.fromkeys([cwd, *(Path(w).resolve() for w in writable)])]
     mounts += [(p, 3) for p in dict.fromkeys(Path(h).resolve() for h in hidden) if p.exists()]
     empty_dirs: list[str] = []
