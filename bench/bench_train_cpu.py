@@ -197,7 +197,8 @@ def breakdown(lab: Path, script: str, rounds: int = 6) -> None:
         dim = -(-tr.DEPTH * tr.ASPECT_RATIO // tr.HEAD_DIM) * tr.HEAD_DIM
         config = tr.GPTConfig(sequence_len=T, vocab_size=V, n_layer=tr.DEPTH, n_head=dim // tr.HEAD_DIM,
                               n_kv_head=dim // tr.HEAD_DIM, n_embd=dim, window_pattern=tr.WINDOW_PATTERN,
-                              softcap=tr.SOFTCAP, loss_chunk=tr.LOSS_CHUNK)
+                              softcap=tr.SOFTCAP, loss_chunk=tr.LOSS_CHUNK,
+                              compute_dtype="bfloat16" if tr.CPU_BF16 else "float32")
         torch.manual_seed(0)
         model = tr.GPT(config)
         model.init_weights()
@@ -208,9 +209,7 @@ def breakdown(lab: Path, script: str, rounds: int = 6) -> None:
     y = torch.randint(0, V, (B, T))
 
     def step(model, optimizer, with_optimizer, tr):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.CPU_BF16):
-            loss = model(x, y)
-        loss.backward()
+        model(x, y).backward()
         if with_optimizer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ def attacks(train: str, port: int) -> list[tuple[str, str, str, str]]:
          "invalid", "printed val_bpb 0.100000"),
         ("b replace the evaluation", replace_once(train, evaluate, "val_bpb = 0.5"), "invalid", "never handed"),
         ("b wrap the evaluation", replace_once(train, evaluate, "evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)\n"
-                                               "        val_bpb = 0.5"), "invalid", "printed val_bpb 0.500000"),
+                                               "    val_bpb = 0.5"), "invalid", "printed val_bpb 0.500000"),
         ("c slow the timer down", replace_once(train, "training_time = time.time() - t_train",
                                                "training_time = (time.time() - t_train) / 12"),
          "invalid", "past the budget"),

@@ -135,10 +135,9 @@ def test_bf16_autocast_close_to_fp32(train):
     x = torch.randint(0, 97, (2, 32))
     y = torch.randint(0, 97, (2, 32))
     exact = exact_model(x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(x, y, reduction="none").numel() == 64
-        approx = model(x, y)
-        approx.backward()
+    assert model(x, y, reduction="none").numel() == 64  # no autocast needed by the caller
+    approx = model(x, y)
+    approx.backward()
     assert approx.dtype == torch.float32
     assert abs(approx.item() - exact.item()) < 0.05
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -13,14 +13,12 @@ Runs on CUDA (FlashAttention-3 on Hopper when installed, else PyTorch SDPA), App
 
 import time
 
-T_START = time.time()  # before `import torch` (~1-2 s), so startup_seconds is honest
+T_START = time.time()  # before `import torch` (~1.5 s), so the reported startup time is honest
 
 import ctypes
 import gc
 import math
-import resource
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +44,7 @@ class GPTConfig:
     window_pattern: str = "SSSL"
     softcap: float = 15.0
     loss_chunk: int = 0  # rows of logits per chunk in the fused loss; 0 = plain loss over all logits
-    compute_dtype: str = "float32"  # the residual stream's dtype: "bfloat16" under bf16 autocast
+    compute_dtype: str = "float32"  # "bfloat16": matmuls under bf16 autocast, activations in bf16
 
 
 def norm(x):
@@ -66,18 +64,12 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-def load_flash_attention_3():
-    # FA3 only helps on Hopper (sm90); `pip install flash-attn-3` provides flash_attn_interface
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        return None
+FLASH_ATTN_3 = None  # FlashAttention-3, Hopper (sm90) only; the flash-attn-3 wheel provides flash_attn_interface
+if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
     try:
-        from flash_attn_interface import flash_attn_func
+        from flash_attn_interface import flash_attn_func as FLASH_ATTN_3
     except ImportError:
-        return None
-    return flash_attn_func
-
-
-FLASH_ATTN_3 = load_flash_attention_3()
+        pass
 _MASKS = {}
 
 
@@ -208,8 +200,7 @@ def softcap_logits(h, w, softcap):
 
 
 def chunked_loss(h, w, targets, softcap, chunk):
-    """Per-token cross-entropy of softcapped logits h @ w.T, `chunk` rows at a time, no gradients.
-    h: (N, d), targets: (N,) with -1 = ignore. At most chunk x vocab fp32 logits exist at once."""
+    # per-token losses without gradients (evaluation), `chunk` rows of logits at a time
     losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
     for s in range(0, h.size(0), chunk):
         z = softcap_logits(h[s : s + chunk], w, softcap).mul_(2 * softcap)
@@ -221,8 +212,8 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of softcapped logits, and its gradients, computed chunk by chunk.
 
     The plain loss materialises B*T x vocab fp32 logits (134 MB at 8192 x 4096) and walks them
-    ~10 times forward and backward: 2/3 of the loss's time on 2 CPU cores went there, not into
-    its matmuls. Here a chunk of logits stays in cache; forward computes the loss and
+    ~10 times forward and backward: 590-690 ms per 8192 tokens at width 256 on 2 CPU cores,
+    against 180-260 ms here. A chunk of logits stays in cache; forward computes the loss and
     d(loss)/d(logits) at once and folds the latter into the gradients of h and w; backward only
     scales them by the incoming gradient.
     """
@@ -316,11 +307,18 @@ class GPT(nn.Module):
         return 6 * matmul_params + attn
 
     def forward(self, idx, targets=None, reduction="mean"):
+        # the model sets its own precision, so callers (the evaluation too) need no autocast
+        dtype = getattr(torch, self.config.compute_dtype)
+        if dtype == torch.float32:
+            return self.forward_in(idx, targets, reduction, dtype)
+        with torch.autocast(idx.device.type, dtype=dtype):
+            return self.forward_in(idx, targets, reduction, dtype)
+
+    def forward_in(self, idx, targets, reduction, dtype):
         B, T = idx.shape
         assert T <= self.config.sequence_len, f"sequence of {T} tokens exceeds {self.config.sequence_len}"
-        # activations in the compute dtype, bf16 under autocast: half the memory traffic, and
-        # fp32 rotary tables would promote bf16 q and k back to fp32
-        dtype = getattr(torch, self.config.compute_dtype)
+        # activations in the compute dtype: bf16 halves the memory traffic, and fp32 rotary tables
+        # would promote bf16 q and k back to fp32
         cos, sin = self.cos[:, :T].to(dtype), self.sin[:, :T].to(dtype)
         x = x0 = norm(self.wte(idx).to(dtype))
         for i, block in enumerate(self.blocks):
@@ -332,15 +330,18 @@ class GPT(nn.Module):
         if targets is None:
             return softcap * torch.tanh(self.lm_head(x).float() / softcap)
         h, t = x.reshape(B * T, -1), targets.reshape(B * T)
-        if chunk:
-            w = self.lm_head.weight.to(dtype)
-            if reduction == "none" or not torch.is_grad_enabled():
-                losses = chunked_loss(h, w, t, softcap, chunk)
-                return losses if reduction == "none" else losses.sum() / (t >= 0).sum().clamp(min=1)
+        if not chunk:
+            logits = softcap * torch.tanh(self.lm_head(h).float() / softcap)
+            return F.cross_entropy(logits, t, ignore_index=-1, reduction=reduction)
+        w = self.lm_head.weight.to(dtype)
+        if torch.is_grad_enabled() and reduction != "none":
             total = FusedSoftcapCrossEntropy.apply(h, w, t, softcap, chunk)
-            return total / (t >= 0).sum().clamp(min=1) if reduction == "mean" else total
-        logits = softcap * torch.tanh(self.lm_head(h).float() / softcap)
-        return F.cross_entropy(logits, t, ignore_index=-1, reduction=reduction)
+        else:
+            losses = chunked_loss(h, w, t, softcap, chunk)
+            if reduction == "none":
+                return losses
+            total = losses.sum()
+        return total / (t >= 0).sum().clamp(min=1) if reduction == "mean" else total
 
 
 # ---------------------------------------------------------------------------
@@ -465,7 +466,7 @@ ASPECT_RATIO = 64              # model_dim = DEPTH * ASPECT_RATIO, rounded up to
 HEAD_DIM = 128                 # channels per attention head
 WINDOW_PATTERN = "SSSL"        # attention window per layer, repeated: L = full context, S = half
 # batch
-TOTAL_BATCH_SIZE = 524288      # tokens per optimizer step (2**19); gradient accumulation fills it
+TOTAL_BATCH_SIZE = 524288      # tokens per optimizer step; gradient accumulation fills it
 DEVICE_BATCH_SIZE = 128        # sequences per forward/backward pass
 # optimizer
 EMBEDDING_LR = 0.6             # AdamW, token and value embeddings (x (dim/768)^-0.5)
@@ -517,16 +518,19 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated() / 1024**2
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 1024**2  # no peak counter: the driver's total at the end
-    # CPU: the process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)
+    try:
+        import resource  # CPU: the process's peak resident set size (Unix only)
+    except ImportError:
+        return 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def keep_freed_memory():
     # glibc hands every freed block over 128 KB back to the OS, so each new activation tensor pays
     # a page fault per 4 KB page on first touch: ~4000 for a 16 MB bf16 activation, which made
     # elementwise ops 2-3x slower on 2 cores. Serving blocks up to 32 MB from the heap and never
-    # trimming it lets the training loop reuse the same pages (~12% faster steps).
+    # trimming it lets the training loop reuse the same pages (~15% faster steps).
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -545,12 +549,12 @@ if __name__ == "__main__":
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast: always on CUDA; on CPU with AVX512-BF16 (Zen 4+, Sapphire Rapids+) a bf16
-    # matmul runs ~4x faster than fp32 (810 vs 190 GFLOP/s on 2 Zen 5 cores) and a whole training
-    # step ~2x faster; set CPU_BF16 = False on CPUs without bf16 instructions, where it is slower
-    use_bf16 = device.type in ("cuda", "mps") or (device.type == "cpu" and CPU_BF16)
+    # bf16: always on CUDA; on CPU with AVX512-BF16 (Zen 4+, Sapphire Rapids+) a bf16 matmul runs
+    # ~4x faster than fp32 (810 vs 190 GFLOP/s on 2 Zen 5 cores) and a whole training step 1.9x
+    # faster, so set CPU_BF16 = False on CPUs without bf16 instructions. MPS stays in fp32: bf16
+    # autocast there depends on the macOS and torch versions.
+    use_bf16 = device.type == "cuda" or (device.type == "cpu" and CPU_BF16)
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -559,7 +563,7 @@ if __name__ == "__main__":
         sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=model_dim // HEAD_DIM,
         n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
         softcap=SOFTCAP, loss_chunk=0 if device.type == "cuda" else LOSS_CHUNK,
-        compute_dtype="bfloat16" if use_bf16 else "float32",
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
     )
     with torch.device(device):
         model = GPT(config)
@@ -571,9 +575,10 @@ if __name__ == "__main__":
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_pass
     optimizer = build_optimizer(model, model_dim)
     # torch.compile pays on CUDA (~1 min of compiling, repaid within a 5-minute budget). On CPU it
-    # does not: the budget is wall clock measured from outside, and compiling this model on 2
-    # cores takes longer than it saves in a 60-second run. No dropout or batch norm, so train and
-    # eval modes compute the same thing and the compiled model also serves the evaluation.
+    # does not: the budget is wall clock measured from outside, and on 2 cores compiling took 44 s
+    # (3 s from a warm cache) to make steps at most 10% faster, as the matmuls and attention
+    # dominate. No dropout or batch norm, so train and eval modes compute the same thing and the
+    # compiled model also serves the evaluation.
     if COMPILE and device.type == "cuda":
         model = torch.compile(model, dynamic=False)
     peak = peak_flops(device, compute_dtype)  # measured once per machine on CPU and MPS, then cached
@@ -593,8 +598,7 @@ if __name__ == "__main__":
     training_time, step, smooth_loss, last_print = 0.0, 0, 0.0, 0.0
     while True:
         for _ in range(grad_accum_steps):
-            with autocast:
-                loss = model(x, y)
+            loss = model(x, y)
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
         progress = min(training_time / TIME_BUDGET, 1.0)
@@ -631,8 +635,7 @@ if __name__ == "__main__":
     # Evaluation and summary
     # ---------------------------------------------------------------------------
 
-    with autocast:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
     total_tokens = step * TOTAL_BATCH_SIZE
     mfu = 100 * flops_per_token * total_tokens / training_time / peak
     print("---")
