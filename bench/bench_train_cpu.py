@@ -257,7 +257,7 @@ def main() -> None:
     sys.path.insert(0, str(SRC))
     import torch
 
-    from autoresearch.devices import peak_flops, processor_name
+    from autoresearch.devices import measure_matmul_flops, peak_flops, processor_name
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-cpu-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -278,10 +278,9 @@ def main() -> None:
     print(f"labs ready in {time.time() - t_setup:.0f}s: cpu {cpu_lab}, reference {ref_lab}")
 
     device = torch.device("cpu")
-    peak = max(peak_flops(device, refresh=True, seconds=1.0) for _ in range(3))
-    peak_flops(device, refresh=True, seconds=1.0)  # what train.py will read from the cache
+    peak = peak_flops(device, refresh=True, seconds=1.0, tries=5)  # cached: train.py's MFU uses it
     print(f"{processor_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
-          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 3), fp32 "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 5), fp32 "
           f"{peak_flops(device, torch.float32, refresh=True) / 1e9:.0f} GFLOP/s")
 
     results: dict[tuple[str, float], list[dict[str, float]]] = {}
@@ -295,7 +294,8 @@ def main() -> None:
                       f"{result['num_steps']:.0f} steps, startup {result['startup_seconds']:.1f}s", flush=True)
     print()
     print_table(results)
-    print(f"\nbf16 peak at the end: {peak_flops(device, refresh=True, seconds=1.0) / 1e9:.0f} GFLOP/s")
+    end = measure_matmul_flops(device, max_seconds=1.0, max_reps=16)
+    print(f"\nbf16 peak at the end: {end / 1e9:.0f} GFLOP/s (the MFU column uses the one at the start)")
     if args.breakdown:
         for config, (lab, script) in scripts.items():
             breakdown(lab, script)

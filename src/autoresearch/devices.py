@@ -206,11 +206,13 @@ def peak_flops(
     dtype: torch.dtype = torch.bfloat16,
     refresh: bool = False,
     seconds: float = 0.5,
+    tries: int = 1,
 ) -> float:
     """Peak dense matmul FLOP/s of `device` in `dtype`: the data sheet for known NVIDIA GPUs,
     otherwise measured once per (processor, torch version, thread count, dtype) and cached in
-    settings.cache_dir(). `refresh=True` measures again (for up to `seconds`) and overwrites the
-    cached figure: a benchmark does that to relate its runs to the peak of the same moment.
+    settings.cache_dir(). `refresh=True` measures again (the best of `tries` measurements of up to
+    `seconds` each) and overwrites the cached figure: a benchmark does that to relate its runs to
+    the peak of the same moment.
     """
     device = torch.device(device)
     if device.type == "cuda" and dtype == torch.bfloat16:
@@ -222,6 +224,7 @@ def peak_flops(
         cached = _read_cache().get(key)
         if isinstance(cached, (int, float)) and cached > 0:
             return float(cached)
-    value = measure_matmul_flops(device, dtype, max_seconds=seconds, max_reps=max(8, int(seconds * 16)))
+    value = max(measure_matmul_flops(device, dtype, max_seconds=seconds, max_reps=max(8, int(seconds * 16)))
+                for _ in range(max(1, tries)))
     _write_cache(key, value)
     return value

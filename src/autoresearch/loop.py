@@ -11,11 +11,9 @@ kept under `refs/autoresearch/experiments/<id>`; experiments run in a worktree o
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +28,10 @@ from .gitrepo import Git
 from .judge import mean, pooled_sigma, verdict
 from .lab import Lab
 from .ledger import Experiment, Ledger
+from .measurement import (TrustedEval, drop_scratch, hidden_paths, is_trusted, read_metric, readable_paths,
+                          test_split_bpb, write_trusted_toml)
+from .proposals import Prefetch, apply_proposal, commit_message, log_tail, merge_onto
+from .recovery import TagLock, clear_stale_git_locks, group_is_from
 from .view import View
 
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
@@ -82,16 +84,17 @@ class Loop:
         self.run_id = 0
         self.stop_reason = ""
         self._stop_requested = False
-        self._prefetch: _Prefetch | None = None
+        self._prefetch: Prefetch | None = None
         self._pause = 0.0
         self._started = time.monotonic()
+        self._lock = TagLock(lab.state_dir / f"run-{self.tag}.lock", self.tag)
 
     # -- public -----------------------------------------------------------------------------
 
     def run(self) -> str:
         """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
         self._check_tag()
-        self._lock()
+        self._lock.acquire()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_id = self.ledger.start_run(self.tag, self.agent.name, self._snapshot())
         previous = signal.getsignal(signal.SIGINT)
@@ -120,7 +123,7 @@ class Loop:
             self.ledger.stop_run(self.run_id, self.stop_reason or "error")
             self._export()
             self.view.stop(self.stop_reason or "stopped by an error")
-            self._lock_file.close()  # releases the tag for the next run
+            self._lock.release()  # the tag is free for the next run
         return self.stop_reason
 
     def champion(self) -> tuple[str | None, float | None]:
@@ -164,42 +167,11 @@ class Loop:
                 "startup_allowance": c.startup_allowance, "eval_allowance": c.eval_allowance,
                 "max_experiments": self.options.max_experiments, "hours": self.options.hours}
 
-    def _lock(self) -> None:
-        """One orchestrator per tag: a second `run` on the same tag is refused, not interleaved.
-        The kernel drops the lock when its holder dies, even by kill -9."""
-        import fcntl
-
-        path = self.lab.state_dir / f"run-{self.tag}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(path, "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "?"
-            raise LoopError(f"another `autoresearch run` is using tag {self.tag} (pid {holder})",
-                            "wait for it, stop it, or choose another --tag") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
-
-    def _clear_stale_git_locks(self) -> None:
-        """A kill -9 in the middle of a git command leaves its lock file behind. Only locks of the
-        refs and worktree this loop owns are removed; the lock above guarantees nobody else uses them."""
-        common = Path(self.git.run("rev-parse", "--git-common-dir"))
-        common = common if common.is_absolute() else (self.lab.root / common)
-        candidates = [common / "refs" / "heads" / "autoresearch" / f"{self.tag}.lock",
-                      common / "worktrees" / self.tag / "index.lock", common / "worktrees" / self.tag / "HEAD.lock"]
-        candidates += list((common / "refs" / "autoresearch" / "experiments").glob("*.lock"))
-        for lock in candidates:
-            lock.unlink(missing_ok=True)
-
     def _recover(self) -> None:
         """Make git agree with the ledger after any interruption, and end orphaned runs."""
-        self._clear_stale_git_locks()
+        clear_stale_git_locks(self.git, self.lab.root, self.tag)
         for e in self.ledger.unfinished(self.tag):
-            if e.pgid and runner_mod.group_alive(e.pgid) and _group_is_from(e.pgid, e.started_at):
+            if e.pgid and runner_mod.group_alive(e.pgid) and group_is_from(e.pgid, e.started_at):
                 self.view.message(f"ending process group {e.pgid} left running by experiment {e.id}")
                 runner_mod.kill_group(e.pgid)
             if e.commit_sha is None:  # recorded but never committed: it never ran
@@ -372,7 +344,7 @@ class Loop:
             return  # this is the last experiment: a proposal now would be wasted
         if self.champion()[0] is None and running.kind != "baseline":
             return
-        self._prefetch = _Prefetch(self.agent, self.context(start=running.commit_sha))
+        self._prefetch = Prefetch(self.agent, self.context(start=running.commit_sha))
 
     def _rebase(self, proposal: Proposal, old: str, new: str) -> Proposal | None:
         """A proposal prepared against the previous champion, moved onto the new one: by the agent
@@ -385,19 +357,8 @@ class Loop:
                      for p in self.git.ls_files(new) if matches(p, self.config.editable)}
             moved = own(proposal, files)
             return None if moved is None else replace(moved, meta={**moved.meta, **meta})
-        self.wt.reset_to(old)
-        if self._apply(proposal) is not None:
-            return None
-        patch = self.wt.diff_head()
-        self.wt.reset_to(new)
-        merged = bool(patch.strip()) and self.wt.apply(patch, three_way=True) is None
-        changed = self.wt.changed_paths() if merged else []
-        files = {p: (self.worktree / p).read_text(encoding="utf-8") for p in changed if (self.worktree / p).is_file()}
-        deleted = [p for p in changed if not (self.worktree / p).exists()]
-        self.wt.reset_to(new)
-        if not merged or not files or deleted:
-            return None
-        return replace(proposal, files=files, patch=None, meta=meta)
+        moved = merge_onto(self.wt, self.worktree, proposal, old, new)
+        return None if moved is None else replace(moved, meta=meta)
 
     # -- repairs ------------------------------------------------------------------------------
 
@@ -417,7 +378,7 @@ class Loop:
             self.view.message(f"asking the agent to repair #{failed.id} (attempt {attempt}/{self.config.repair_attempts})")
             t0 = time.monotonic()
             try:
-                proposal = repair(context, failed, _log_tail(failed.log_path), attempt, self.config.repair_attempts)
+                proposal = repair(context, failed, log_tail(failed.log_path), attempt, self.config.repair_attempts)
             except AutoresearchError as exc:
                 self._agent_failed(exc)
                 return
@@ -436,7 +397,7 @@ class Loop:
         """Apply, check and commit a proposal; write its ledger row (running, or invalid with the reason)."""
         champion = context.champion_commit
         self.wt.reset_to(champion)
-        reason = proposal.error or self._apply(proposal)
+        reason = proposal.error or apply_proposal(self.wt, self.worktree, proposal)
         if reason:
             self.wt.reset_to(champion)  # nothing half-applied (or conflict-marked) gets committed
         patch = self.wt.diff_head()
@@ -444,7 +405,7 @@ class Loop:
         if reason is None:
             tried = {patch_hash(e.patch) for e in context.history if e.parent_commit == champion and e.patch}
             reason = check_change(self.worktree, changed, self.config.editable, self._frozen(), tried, patch)
-        commit = self.wt.commit_staged(_message(proposal)) if patch.strip() else None
+        commit = self.wt.commit_staged(commit_message(proposal)) if patch.strip() else None
         meta = proposal.meta
         eid = self.ledger.add(
             run_id=self.run_id, tag=self.tag, kind="experiment", parent_commit=champion, commit_sha=commit,
@@ -462,22 +423,6 @@ class Loop:
             self._export()
         return e
 
-    def _apply(self, proposal: Proposal) -> str | None:
-        """Put the proposal into the worktree; the reason when it cannot be applied."""
-        if proposal.patch is not None:
-            error = self.wt.apply(proposal.patch)
-            if error and self.wt.apply(proposal.patch, three_way=True) is None:
-                return None  # written against an older champion, merged cleanly onto this one
-            return f"patch does not apply: {error.splitlines()[0]}" if error else None
-        root = self.worktree.resolve()
-        for path, content in proposal.files.items():
-            target = (root / path).resolve()
-            if root not in target.parents:
-                return f"path {path} is outside the lab"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content, encoding="utf-8")
-        return None
-
     def _execute(self, eid: int) -> Experiment:
         """Run experiment `eid` (already committed) and judge it. Resumable: a row that already has
         its outcome is only judged; one without is run (again)."""
@@ -490,7 +435,7 @@ class Loop:
             status, reason = self._failure(e)
         self.ledger.update(e.id, status=status, reason=reason, finished_at=time.time())
         e = self.ledger.get(e.id)
-        self._drop_scratch(e)
+        drop_scratch(self._scratch(e))
         self.view.finished(e, self.champion()[1])
         return e
 
@@ -518,19 +463,17 @@ class Loop:
             limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
             self.view.started(e, limit)
             self._start_prefetch(e)
-            scratch = self.lab.state_dir / "scratch" / f"{eid:05d}"
-            trusted = _TrustedEval(self, scratch / "handoff") if self._trusted() else None
-            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}"}
+            scratch = self._scratch(e)
+            c = self.config
+            trusted = TrustedEval(scratch / "handoff", self.trusted_lab(), self.budget, c.startup_allowance,
+                                  c.eval_allowance) if is_trusted(c) else None
+            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}", **(trusted.env() if trusted else {})}
             if os.environ.get("PYTHONPATH"):  # the run starts in the worktree: relative entries would break
                 extra_env["PYTHONPATH"] = os.pathsep.join(
                     str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
-            if trusted is not None:
-                extra_env.update(AUTORESEARCH_HANDOFF=str(trusted.folder),
-                                 AUTORESEARCH_HANDOFF_TIMEOUT=f"{self.config.eval_allowance:g}")
             spec = runner_mod.RunSpec(
                 handoff_dir=trusted.folder if trusted else None, on_handoff=trusted.evaluate if trusted else None,
-                sandbox=self.config.sandbox, writable=(scratch,), hidden=self._hidden(),
-                readable=self._readable(),
+                sandbox=c.sandbox, writable=(scratch,), hidden=hidden_paths(self.lab), readable=readable_paths(),
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
                 env=dict(os.environ), extra_env=extra_env,
@@ -546,13 +489,13 @@ class Loop:
                                    finished_at=time.time())
                 self.view.finished(self.ledger.get(eid), self.champion()[1])
                 raise
-            metric = self._metric(result)
+            metric = read_metric(self.config, self.worktree, result)
             memory = result.summary.get("peak_vram_mb")
             outcome, reason, printed = result.outcome, result.error, None
             if trusted is not None:
                 printed, metric = metric, trusted.bpb
                 if trusted.rejection or outcome == "ok":  # a rejected model makes the run exit 1 too
-                    problem = trusted.problem(result, printed, self.budget + self.config.startup_allowance)
+                    problem = trusted.problem(result, printed)
                     if problem:
                         outcome, reason = "invalid", problem
             self.ledger.update(
@@ -563,63 +506,14 @@ class Loop:
             e = self.ledger.get(eid)
         return e
 
-    def _hidden(self) -> tuple[Path, ...]:
-        """What a run must not read: the loop's state (ledger, logs, other experiments) and, for the
-        built-in task, the validation and test shards (the trusted evaluator reads those)."""
-        hidden = [self.lab.state_dir]
-        task = self.config.task
-        if task is not None and self._trusted():
-            from .data import load_prepared
-
-            try:
-                prepared = load_prepared(task.dataset, task.vocab_size)
-                hidden += [*prepared.files("val"), *prepared.files("test")]
-            except AutoresearchError:
-                pass  # not prepared: the run stops with its own message
-        return tuple(hidden)
-
     def trusted_lab(self) -> Path:
-        """A copy of the baseline commit's autoresearch.toml, outside the run's reach: the evaluator
-        reads the task (dataset, sequence length, evaluation tokens) from it, never from the worktree."""
-        folder = self.lab.state_dir / "trusted" / self.tag
+        """The task the evaluator scores against: the baseline commit's autoresearch.toml, copied
+        out of the run's reach."""
         first = next(e for e in self.ledger.experiments(self.tag) if e.kind == "baseline")
         text = self.git.show(first.commit_sha or first.parent_commit, "autoresearch.toml")
         if text is None:
             raise LoopError("the baseline commit has no autoresearch.toml")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "autoresearch.toml").write_bytes(text)
-        return folder
-
-    def _trusted(self) -> bool:
-        """The built-in task's metric comes from the trusted evaluator, not from the run's output."""
-        return self.config.task is not None and self.config.trusted_eval
-
-    def _readable(self) -> tuple[Path, ...]:
-        """What a run needs to read even where the sandbox's fresh /tmp would hide it: the data cache,
-        the interpreter's environment, and the source of the autoresearch package."""
-        from . import settings
-
-        paths = [settings.cache_dir(), Path(sys.prefix), Path(__file__).resolve().parent.parent]
-        paths += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        return tuple(paths)
-
-    def _metric(self, result: runner_mod.RunResult) -> float | None:
-        name = self.config.metric.name
-        if self.config.metric.json_file:
-            import json
-
-            try:
-                data = json.loads((self.worktree / self.config.metric.json_file).read_text(encoding="utf-8"))
-                value = data[name]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-        else:
-            value = result.summary.get(name)
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None
-        return number if math.isfinite(number) else None
+        return write_trusted_toml(self.lab.state_dir / "trusted" / self.tag, text)
 
     def _judge(self, e: Experiment) -> Experiment:
         """Keep or discard. Borderline gains earn confirmation runs; the decision uses the means."""
@@ -652,7 +546,7 @@ class Loop:
         if status == "keep":
             e = self._measure_test(e)
         else:
-            self._drop_scratch(e)
+            drop_scratch(self._scratch(e))
         self.view.finished(e, champion_metric)
         self._export()
         return e
@@ -660,29 +554,15 @@ class Loop:
     def _scratch(self, e: Experiment) -> Path:
         return self.lab.state_dir / "scratch" / f"{e.id:05d}"
 
-    def _drop_scratch(self, e: Experiment) -> None:
-        """A discarded run's model is not needed again (a champion's is kept for the test split)."""
-        import shutil
-
-        shutil.rmtree(self._scratch(e), ignore_errors=True)
-
     def _measure_test(self, e: Experiment) -> Experiment:
-        """Score a new champion on the held-out test split. Never used for any decision: it is there
-        so that overfitting the validation split through many selections becomes visible."""
-        model = self._scratch(e) / "handoff" / "model.pt2"
-        if not self._trusted() or not model.is_file():
+        """A new champion's score on the held-out test split (recorded, never used to decide)."""
+        if not is_trusted(self.config):
             return e
-        from .evaluator import EvaluatorFailed, Rejection, run_evaluator
-
-        try:
-            result = run_evaluator(model, self.trusted_lab(), "test", timeout=self.config.eval_allowance)
-        except EvaluatorFailed as exc:
-            self.view.message(f"test split not measured for #{e.id}: {exc}")
+        bpb, why_not = test_split_bpb(self._scratch(e), self.trusted_lab(), self.config.eval_allowance)
+        if bpb is None:
+            self.view.message(f"test split not measured for #{e.id}: {why_not}")
             return e
-        if isinstance(result, Rejection):
-            self.view.message(f"test split not measured for #{e.id}: {result.error}")
-            return e
-        self.ledger.update(e.id, test_metric=result.bpb)
+        self.ledger.update(e.id, test_metric=bpb)
         return self.ledger.get(e.id)
 
     def _advance(self, old: str | None, new: str | None) -> None:
@@ -705,95 +585,6 @@ class Loop:
             raise KeyboardInterrupt
         self._stop_requested = True
         self.view.message("Ctrl-C: finishing the current experiment, then stopping (Ctrl-C again abandons it)")
-
-
-class _TrustedEval:
-    """The trusted half of one run: when the run hands its model over, score it in a separate
-    evaluator process and answer the run; afterwards, say what (if anything) disqualifies it."""
-
-    def __init__(self, loop: Loop, folder: Path) -> None:
-        self.loop, self.folder = loop, folder
-        self.lab = loop.trusted_lab()  # here, in the loop's thread: evaluate() runs in the runner's
-        self.bpb: float | None = None
-        self.rejection: str | None = None
-
-    def evaluate(self, folder: Path) -> None:
-        from .evaluator import Rejection, run_evaluator
-
-        result = run_evaluator(folder / "model.pt2", self.lab, "val",
-                               timeout=self.loop.config.eval_allowance)
-        if isinstance(result, Rejection):
-            self.rejection = f"{result.kind}: {result.error}"
-            runner_mod.write_handoff_result(folder, {"error": f"the evaluator rejected the model ({self.rejection})"})
-            return
-        self.bpb = result.bpb
-        runner_mod.write_handoff_result(folder, {"val_bpb": result.bpb})
-
-    def problem(self, result: runner_mod.RunResult, printed: float | None, limit: float) -> str | None:
-        if self.rejection:
-            return f"the evaluator rejected the model: {self.rejection}"
-        if result.handoff_seconds is None or self.bpb is None:
-            return "the run never handed its model to the evaluator (train.py must call prepare.evaluate_bpb)"
-        if result.handoff_seconds > limit:
-            return (f"trained past the budget: the model was handed over after {result.handoff_seconds:.1f} s "
-                    f"(budget {self.loop.budget:g} s + start-up allowance {self.loop.config.startup_allowance:g} s)")
-        if printed is not None and abs(printed - self.bpb) > 1e-4 * max(1.0, abs(self.bpb)):
-            return f"the run printed val_bpb {printed:.6f} but the trusted evaluation is {self.bpb:.6f}"
-        return None
-
-
-class _Prefetch:
-    """A proposal being prepared in a thread, against the champion of `context`."""
-
-    def __init__(self, agent: Agent, context: ResearchContext) -> None:
-        self.agent, self.context = agent, context
-        self.proposal: Proposal | None = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0
-        self.thread = threading.Thread(target=self._work, name="autoresearch-prefetch", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        t0 = time.monotonic()
-        try:
-            self.proposal = self.agent.propose(self.context)
-        except BaseException as exc:  # handed to the loop's thread, which decides
-            self.error = exc
-        self.seconds = time.monotonic() - t0
-
-
-def _log_tail(path: str | None, lines: int = 80) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _message(proposal: Proposal) -> str:
-    body = f"\n\n{proposal.rationale}" if proposal.rationale else ""
-    return f"{proposal.description}{body}"
-
-
-def _group_is_from(pgid: int, started_at: float | None) -> bool:
-    """True when a process of group `pgid` started no earlier than the experiment did: after a reboot
-    the number may belong to an unrelated group, which must not be killed."""
-    import psutil
-
-    if started_at is None:
-        return False
-    for proc in psutil.process_iter(["pid", "create_time"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= started_at - 2:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False
 
 
 def _is_main_thread() -> bool:
