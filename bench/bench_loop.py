@@ -13,7 +13,6 @@ the whole loop, the rest being start-up, evaluation and the loop's own overhead.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

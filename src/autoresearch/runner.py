@@ -22,7 +22,6 @@ import math
 import os
 import re
 import resource
-import selectors
 import shlex
 import signal as signals
 import subprocess
@@ -30,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +37,13 @@ from typing import Literal
 import psutil
 
 from .config import SECRET_PATTERNS
+from .runlog import CappedLog
 from .sandbox import MODES, Confinement, Mode, SandboxUnavailable, confine
 
 Outcome = Literal["ok", "crash", "timeout", "oom", "nan", "killed"]
 DEFAULT_SECRET_PATTERNS: tuple[str, ...] = SECRET_PATTERNS
 TAIL_LINES, TAIL_BYTES = 50, 8192  # RunResult.tail: at most this many lines and bytes
 _SCAN_BYTES = 65536  # the end of the log searched for exception, out-of-memory and NaN lines
-_CHUNK = 1 << 20  # one read from the pipe; also the most the in-memory tail overshoots its cap
 # Signals a program raises against itself by faulting: its own crash, not someone killing it.
 _FAULTS = {signals.SIGSEGV, signals.SIGBUS, signals.SIGFPE, signals.SIGILL, signals.SIGABRT}
 _OOM = re.compile(r"MemoryError|CUDA out of memory|OutOfMemoryError|MPS backend out of memory"
@@ -176,7 +174,7 @@ def run_experiment(spec: RunSpec) -> RunResult:
     env = scrub_env(os.environ if spec.env is None else spec.env, spec.secret_patterns)
     env.setdefault("PYTHONUNBUFFERED", "1")  # otherwise a killed run loses its last lines
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = _Log(spec.log_path, spec.log_cap_bytes)
+    log = CappedLog(spec.log_path, spec.log_cap_bytes)
     handoff = None if spec.handoff_dir is None else _Handoff(Path(spec.handoff_dir), spec.on_handoff)
     box: Confinement | None = None
     try:
@@ -455,79 +453,3 @@ def _live(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-class _Log:
-    """Copies the child's output from a pipe to a file in a thread, keeping at most `cap` bytes: the
-    first half goes to disk as it comes, the last half stays in memory until close(), a marker between."""
-
-    def __init__(self, path: Path, cap: int) -> None:
-        self.file = open(path, "w+b")  # closed in close()
-        self.tail_cap = max(cap, 2) // 2
-        self.head_cap = max(cap, 2) - self.tail_cap
-        self.on_disk = self.total = self.tail_len = 0
-        self.tail: deque[bytes] = deque()
-        self.truncated = self.head_newline = self.broken = False
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def start(self, fd: int) -> None:
-        self.thread = threading.Thread(target=self._pump, args=(fd,), name="runner-log", daemon=True)
-        self.thread.start()
-
-    def _pump(self, fd: int) -> None:
-        drain_until = None
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while drain_until is None or time.monotonic() < drain_until:
-                if selector.select(0.1):
-                    data = os.read(fd, _CHUNK)
-                    if not data:
-                        return
-                    self.write(data)
-                elif self.stop.is_set():
-                    return
-                if self.stop.is_set() and drain_until is None:
-                    drain_until = time.monotonic() + 2.0  # a writer we could not end keeps writing
-
-    def write(self, data: bytes) -> None:
-        self.total += len(data)
-        try:
-            if self.broken:
-                return
-            if not self.truncated and self.on_disk + len(data) <= self.head_cap + self.tail_cap:
-                self.file.write(data)
-                self.file.flush()
-                self.on_disk += len(data)
-                return
-            if not self.truncated:  # first overflow: the head stays on disk, what follows it moves to memory
-                self.truncated = True
-                fill = max(0, self.head_cap - self.on_disk)
-                self.file.write(data[:fill])
-                data = data[fill:]
-                self.file.seek(self.head_cap - 1)
-                self.head_newline = self.file.read(1) == b"\n"
-                moved = self.file.read()
-                self.file.truncate(self.head_cap)
-                self.tail.append(moved)
-                self.tail_len += len(moved)
-            self.tail.append(data)
-            self.tail_len += len(data)
-            while self.tail_len - len(self.tail[0]) >= self.tail_cap:
-                self.tail_len -= len(self.tail.popleft())
-        except OSError:
-            self.broken = True  # e.g. disk full: keep draining the pipe so the child never blocks
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        try:
-            if self.truncated and not self.broken:
-                tail = b"".join(self.tail)[-self.tail_cap:]
-                marker = f"[... {self.total - self.head_cap - len(tail)} bytes omitted ...]\n".encode()
-                self.file.seek(self.head_cap)
-                self.file.write((b"" if self.head_newline else b"\n") + marker + tail)
-                self.file.truncate()
-        finally:
-            self.file.close()
