@@ -13,6 +13,7 @@ the whole loop, the rest being start-up, evaluation and the loop's own overhead.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))  # for the runs
 
 from autoresearch.agents import make_agent  # noqa: E402
 from autoresearch.lab import find_lab, init_lab, init_target  # noqa: E402

@@ -11,6 +11,8 @@ keep exactly what the original's rule would (the search, not the judge, is what 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))  # for the runs
 
 from autoresearch.agents import make_agent  # noqa: E402
 from autoresearch.data import prepare_dataset  # noqa: E402
@@ -44,9 +47,15 @@ def arm(name: str, startup_trials: int, args: argparse.Namespace, root: Path) ->
     best = kept[-1].metric
     crashed = sum(1 for e in rows if e.status in ("crash", "timeout"))
     assert base is not None and best is not None
+    wall = time.monotonic() - t0
+    ran = [e for e in rows if e.run_seconds]
+    outside = wall - sum(e.run_seconds for e in ran)
     print(f"{name:>6}: baseline {base:.4f} -> champion {best:.4f} ({best - base:+.4f}, {100 * (best - base) / base:+.1f}%); "
-          f"{len(kept) - 1} kept, {crashed} crashed of {len(rows) - 1}; {time.monotonic() - t0:.0f} s; "
+          f"{len(kept) - 1} kept, {crashed} crashed of {len(rows) - 1}; {wall:.0f} s; "
           f"final change: {kept[-1].description}")
+    print(f"{'':>6}  utilization {args.budget * len(ran) / wall:.1%} (budget x {len(ran)} runs / wall time); "
+          f"loop overhead outside the runs {outside / max(1, len(ran)):.2f} s per run; inside a run, "
+          f"{statistics.median(e.run_seconds - args.budget for e in ran):.1f} s (median) of start-up, export and evaluation")
 
 
 def main() -> None:

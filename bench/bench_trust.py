@@ -11,6 +11,7 @@ the champion) would keep on exactly these runs, and how many the noise-aware jud
 from __future__ import annotations
 
 import argparse
+import os
 import difflib
 import statistics
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))  # for the runs
 
 from autoresearch.agents import make_agent  # noqa: E402
 from autoresearch.data import prepare_dataset  # noqa: E402
@@ -71,6 +73,41 @@ def main() -> None:
           f"{len(base_runs)} runs: {statistics.stdev(base_runs):.5f}")
     print(f"extra runs (baseline repeats, confirmations, re-measurements): {extra} of {len(rows)} runs "
           f"= {extra / len(rows):.0%} of compute")
+    timed = [e for e in rows if e.run_seconds and e.handoff_seconds]
+    if timed:
+        handoff = sorted(e.handoff_seconds for e in timed)
+        after = sorted(e.run_seconds - e.handoff_seconds for e in timed)
+        wall = sum(e.run_seconds for e in timed)
+        print(f"cost of trust over {len(timed)} runs (min/median/max): model handed over "
+              f"{handoff[0]:.1f}/{statistics.median(handoff):.1f}/{handoff[-1]:.1f} s after spawn (budget "
+              f"{args.budget:g} s: start-up and export are the rest); evaluator until exit "
+              f"{after[0]:.1f}/{statistics.median(after):.1f}/{after[-1]:.1f} s; sandbox "
+              f"{', '.join(sorted({str(e.sandbox) for e in timed}))}")
+        print(f"training-time utilization of these runs: {args.budget * len(timed) / wall:.1%} "
+              f"(budget / wall time from spawn to exit)")
+    print(f"sandbox start-up: {sandbox_overhead() * 1e3:.0f} ms per run (bwrap around `true`, best of 20)")
+
+
+def sandbox_overhead() -> float:
+    """Seconds bubblewrap adds to starting a process (0 when it is not installed)."""
+    import subprocess
+    import time
+
+    from autoresearch.sandbox import bwrap_argv, bwrap_executable
+
+    bwrap = bwrap_executable()
+    if bwrap is None:
+        return 0.0
+
+    def best(argv: list[str]) -> float:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return max(0.0, best(bwrap_argv(bwrap, ["true"], Path.cwd())) - best(["true"]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.judge import pooled_sigma, verdict
+from autoresearch.judge import pooled_sigma, verdict, without_outliers
 from test_loop import diff, experiments, make_target, run_loop, write_patches
 
 NOISY = '''"""A target whose score is 1.0 + SHIFT plus seeded noise (sigma 0.05): run n uses seed n."""
@@ -46,6 +46,17 @@ def test_verdict_bands() -> None:
     assert verdict([1.00 + 3 * se], champion, sigma, "min", 2, 2, True).action == "discard"  # simpler but worse
     assert verdict([1.00 + 3 * se], champion, sigma, "max", 2, 2, False).action == "keep"  # higher is better
     assert verdict([0.999], [1.0], None, "min", 2, 2, False).action == "keep"  # no noise estimate: strict
+
+
+def test_a_disturbed_run_is_left_out_of_a_large_group_only() -> None:
+    baseline = [2.3977, 1.5590, 1.5737, 1.5683]  # measured: the first run got a fraction of the CPU
+    assert without_outliers(baseline) == [1.5590, 1.5737, 1.5683]
+    assert pooled_sigma([without_outliers(baseline)]) < 0.01 < 0.3 < pooled_sigma([baseline])
+    assert without_outliers([1.55, 1.56, 1.57, 1.60]) == [1.55, 1.56, 1.57, 1.60]  # plain noise stays
+    assert without_outliers([2.40, 1.56, 1.57]) == [2.40, 1.56, 1.57]  # a candidate's runs are never trimmed
+    assert without_outliers([1.5, 1.5, 1.5, 1.9]) == [1.5, 1.5, 1.5, 1.9]  # no spread to judge by
+    # half the runs disturbed is not "a disturbed run": nothing is dropped
+    assert without_outliers([1.5, 1.51, 2.4, 2.41]) == [1.5, 1.51, 2.4, 2.41]
 
 
 def comment_patch(i: int) -> str:

@@ -25,7 +25,7 @@ from .agents.base import Agent, Proposal, ResearchContext
 from .checks import check_change, frozen_hashes, lines_changed, matches, net_lines, patch_hash
 from .errors import AgentUnavailable, AutoresearchError
 from .gitrepo import Git
-from .judge import mean, pooled_sigma, verdict
+from .judge import mean, pooled_sigma, verdict, without_outliers
 from .lab import Lab
 from .ledger import Experiment, Ledger
 from .measurement import (TrustedEval, drop_scratch, hidden_paths, is_trusted, read_metric, readable_paths,
@@ -140,10 +140,11 @@ class Loop:
         return kept[-1] if kept else None
 
     def _runs_of(self, e: Experiment, history: list[Experiment] | None = None) -> list[float]:
-        """The metric of `e` and of every successful repeat of it."""
+        """The metric of `e` and of every successful repeat of it, runs the machine disturbed left out."""
         history = history if history is not None else self.ledger.experiments(self.tag)
         own = [e.metric] if e.metric is not None and e.outcome == "ok" else []
-        return own + [x.metric for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
+        repeats = [x.metric for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
+        return without_outliers(own + repeats)
 
     def _sigma(self) -> float | None:
         """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""
