@@ -94,3 +94,20 @@ def test_no_op_changes_are_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     run_loop(repo, f"patches:{tmp_path / 'simpler'}", tag="t2")
     t2 = [e for e in experiments(repo, "t2") if e.kind == "experiment"]
     assert t2[0].status == "keep" and "simpler" in (t2[0].reason or "")
+
+
+def test_status_marks_the_run_it_leaves_out(tmp_path: Path) -> None:
+    from autoresearch.ledger import Ledger
+    from autoresearch.report import status_rows
+
+    with Ledger(tmp_path / "l.db") as ledger:
+        run = ledger.start_run("t", "hparam", {})
+        base = ledger.add(run_id=run, tag="t", kind="baseline", parent_commit="abc", agent="hparam",
+                          description="baseline", status="keep", outcome="ok", metric=2.3977)
+        for metric in (1.5590, 1.5737, 1.5683):
+            ledger.add(run_id=run, tag="t", kind="repeat", repeat_of=base, parent_commit="abc", agent="hparam",
+                       description="repeat", status="measured", outcome="ok", metric=metric)
+        ledger.add(run_id=run, tag="t", kind="experiment", parent_commit="abc", agent="hparam",
+                   description="idea", status="discard", outcome="ok", metric=9.0)
+        rows = status_rows(ledger.experiments("t"))
+    assert [r["left_out"] for r in rows] == [True, False, False, False, False]

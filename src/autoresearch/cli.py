@@ -145,7 +145,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "" if r["delta"] is None else f"{r['delta']:+.6f}",
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}",
-                      r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else ""))
+                      r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else "")
+                      + (" (left out: far off the other runs of this commit)" if r["left_out"] else ""))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 

@@ -66,8 +66,8 @@ OUTLIER_MIN_RUNS = 4  # fewer runs of one commit are never trimmed: a candidate'
 OUTLIER_CUTOFF = 20.0  # scaled median absolute deviations from the median
 
 
-def without_outliers(runs: list[float]) -> list[float]:
-    """The runs of one commit without those the machine disturbed.
+def outliers(runs: list[float]) -> set[int]:
+    """Indices of the runs of one commit that the machine disturbed.
 
     Another job or a stalled host can slow one run many times over: on 2 cores a 30 s baseline run
     once trained 4 steps instead of ~105 (val_bpb 2.40 against 1.56-1.57 for its three repeats), and
@@ -78,13 +78,19 @@ def without_outliers(runs: list[float]) -> list[float]:
     OUTLIER_MIN_RUNS are trimmed, so a candidate is never helped by dropping its own bad run.
     """
     if len(runs) < OUTLIER_MIN_RUNS:
-        return runs
+        return set()
     middle = statistics.median(runs)
     scale = 1.4826 * statistics.median(abs(x - middle) for x in runs)
     if scale == 0:
-        return runs
-    kept = [x for x in runs if abs(x - middle) <= OUTLIER_CUTOFF * scale]
-    return kept if len(kept) >= OUTLIER_MIN_RUNS - 1 else runs
+        return set()
+    far = {i for i, x in enumerate(runs) if abs(x - middle) > OUTLIER_CUTOFF * scale}
+    return far if len(runs) - len(far) >= OUTLIER_MIN_RUNS - 1 else set()
+
+
+def without_outliers(runs: list[float]) -> list[float]:
+    """The runs of one commit, those the machine disturbed left out (see outliers)."""
+    far = outliers(runs)
+    return [x for i, x in enumerate(runs) if i not in far]
 
 
 def pooled_sigma(groups: list[list[float]]) -> float | None:

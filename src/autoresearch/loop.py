@@ -27,7 +27,7 @@ from .errors import AgentUnavailable, AutoresearchError
 from .gitrepo import Git
 from .judge import mean, pooled_sigma, verdict, without_outliers
 from .lab import Lab
-from .ledger import Experiment, Ledger
+from .ledger import Experiment, Ledger, runs_of
 from .measurement import (TrustedEval, drop_scratch, hidden_paths, is_trusted, read_metric, readable_paths,
                           test_split_bpb, write_trusted_toml)
 from .proposals import Prefetch, apply_proposal, commit_message, log_tail, merge_onto
@@ -142,9 +142,7 @@ class Loop:
     def _runs_of(self, e: Experiment, history: list[Experiment] | None = None) -> list[float]:
         """The metric of `e` and of every successful repeat of it, runs the machine disturbed left out."""
         history = history if history is not None else self.ledger.experiments(self.tag)
-        own = [e.metric] if e.metric is not None and e.outcome == "ok" else []
-        repeats = [x.metric for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
-        return without_outliers(own + repeats)
+        return without_outliers([x.metric for x in runs_of(e, history) if x.metric is not None])
 
     def _sigma(self) -> float | None:
         """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""

@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .ledger import Experiment
+from .judge import outliers
+from .ledger import Experiment, runs_of
 
 
 def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
-    """One dict per experiment; `delta` is against the champion of its time (negative = lower)."""
+    """One dict per experiment; `delta` is against the champion of its time (negative = lower);
+    `left_out` marks a run the judge does not count, far off the other runs of its commit."""
+    left_out: set[int] = set()
+    for e in experiments:
+        if e.kind != "repeat":
+            group = runs_of(e, experiments)
+            left_out |= {group[i].id for i in outliers([x.metric for x in group if x.metric is not None])}
     rows = []
     for e in experiments:
         delta = None
@@ -22,7 +29,7 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             "memory_gb": e.memory_gb, "agent": e.agent, "parent_commit": e.parent_commit[:7],
             "summary": e.summary, "test_metric": e.test_metric, "printed_metric": e.printed_metric,
             "sigma": e.sigma, "repeat_of": e.repeat_of, "sandbox": e.sandbox, "handoff_seconds": e.handoff_seconds,
-            "cost_usd": e.cost_usd,
+            "cost_usd": e.cost_usd, "left_out": e.id in left_out,
         })
     return rows
 
