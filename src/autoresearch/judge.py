@@ -62,7 +62,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-OUTLIER_MIN_RUNS = 4  # fewer runs of one commit are never trimmed: a candidate's 1-3 runs stay whole
+OUTLIER_MIN_RUNS = 4  # fewer runs of one commit are never trimmed
 OUTLIER_CUTOFF = 20.0  # scaled median absolute deviations from the median
 
 
@@ -75,7 +75,8 @@ def outliers(runs: list[float]) -> set[int]:
     OUTLIER_CUTOFF scaled MADs from the median is left out of the mean and the noise; the ledger keeps it.
     The cutoff is far out because the MAD of 4-6 Gaussian runs is itself unsteady: at 20, fewer than
     1 % of groups of plain noise lose a run (a simulation of 400,000 groups). Only groups of at least
-    OUTLIER_MIN_RUNS are trimmed, so a candidate is never helped by dropping its own bad run.
+    OUTLIER_MIN_RUNS are trimmed (the baseline, a re-measured champion), and the loop never trims the
+    runs of a candidate it is judging: dropping its own worst run could only help it.
     """
     if len(runs) < OUTLIER_MIN_RUNS:
         return set()

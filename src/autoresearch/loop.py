@@ -139,10 +139,12 @@ class Loop:
         kept = [e for e in self.ledger.experiments(self.tag) if e.status == "keep"]
         return kept[-1] if kept else None
 
-    def _runs_of(self, e: Experiment, history: list[Experiment] | None = None) -> list[float]:
-        """The metric of `e` and of every successful repeat of it, runs the machine disturbed left out."""
+    def _runs_of(self, e: Experiment, history: list[Experiment] | None = None, trim: bool = True) -> list[float]:
+        """The metric of `e` and of every successful repeat of it; with `trim`, runs the machine
+        disturbed left out (never for a candidate being judged: dropping its worst run could only help it)."""
         history = history if history is not None else self.ledger.experiments(self.tag)
-        return without_outliers([x.metric for x in runs_of(e, history) if x.metric is not None])
+        runs = [x.metric for x in runs_of(e, history) if x.metric is not None]
+        return without_outliers(runs) if trim else runs
 
     def _sigma(self) -> float | None:
         """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""
@@ -529,7 +531,7 @@ class Loop:
             simpler = net_lines(e.patch or "") < 0
             while True:
                 sigma = self._sigma()
-                runs = self._runs_of(e)
+                runs = self._runs_of(e, trim=False)
                 v = verdict(runs, self._runs_of(champ), sigma, self.config.metric.direction, jc.k,
                             jc.confirmations - (len(runs) - 1), simpler)
                 if v.action != "confirm":
