@@ -23,13 +23,6 @@ STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invali
 FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed", "measured")  # measured: a repeat run
 
 
-
-def runs_of(e: Experiment, history: list[Experiment]) -> list[Experiment]:
-    """The successful runs of e's commit that count for it: e itself and its measured repeats."""
-    own = [e] if e.metric is not None and e.outcome == "ok" else []
-    return own + [x for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
-
-
 class LedgerError(AutoresearchError):
     """The ledger file is unreadable, locked for too long, or from a newer autoresearch."""
 
@@ -163,6 +156,12 @@ class Experiment:
     @property
     def short_commit(self) -> str:
         return (self.commit_sha or self.parent_commit)[:7]
+
+
+def runs_of(e: Experiment, history: list[Experiment]) -> list[Experiment]:
+    """The successful runs of e's commit that count for it: e itself and its measured repeats."""
+    own = [e] if e.metric is not None and e.outcome == "ok" else []
+    return own + [x for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
 
 
 class Ledger:

@@ -11,10 +11,10 @@ from .ledger import Experiment, runs_of
 
 def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     """One dict per experiment; `delta` is against the champion of its time (negative = lower);
-    `left_out` marks a run the judge does not count, far off the other runs of its commit."""
+    `left_out` marks a run the judge does not count for a champion, far off its other runs."""
     left_out: set[int] = set()
     for e in experiments:
-        if e.kind != "repeat":
+        if e.kind != "repeat" and e.status == "keep":  # a candidate's own runs are never trimmed
             group = runs_of(e, experiments)
             left_out |= {group[i].id for i in outliers([x.metric for x in group if x.metric is not None])}
     rows = []
