@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from . import runner as runner_mod
@@ -61,11 +60,11 @@ def hidden_paths(lab: Lab) -> tuple[Path, ...]:
 
 
 def readable_paths() -> tuple[Path, ...]:
-    """What a run needs to read even where the sandbox's fresh /tmp would hide it: the data cache,
-    the interpreter's environment, and the source of the autoresearch package."""
+    """What a run needs to read even where the sandbox's fresh /tmp would hide it: the data cache and
+    the PYTHONPATH entries (the sandbox itself keeps the interpreter and this package readable)."""
     from . import settings
 
-    paths = [settings.cache_dir(), Path(sys.prefix), Path(__file__).resolve().parent.parent]
+    paths = [settings.cache_dir()]
     paths += [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return tuple(paths)
 
