@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoresearch.errors import CacheCorrupt
-from autoresearch.evaluator import EvalResult, EvaluationRejected, Rejection, evaluate_model, run_evaluator
+from autoresearch.evaluator import (EvalResult, EvaluationRejected, EvaluatorFailed, EvaluatorProcess, Rejection,
+                                   evaluate_model, run_evaluator)
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -355,6 +356,9 @@ def test_a_corrupted_val_shard_is_a_data_error(prepare: ModuleType, lab: Path, t
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert json.loads(proc.stdout.splitlines()[-1])["kind"] == "data"
+    with EvaluatorProcess(lab) as evaluator:  # started before the model: fails while preparing, says so when asked
+        with pytest.raises(EvaluatorFailed, match="differs from the manifest"):
+            evaluator.score(path, timeout=120)
 
 
 def test_the_evaluator_process_imports_nothing_from_the_lab_or_the_handoff(prepare: ModuleType, lab: Path,
@@ -384,3 +388,53 @@ def test_an_evaluation_past_its_time_limit_is_stopped_and_rejected(prepare: Modu
     rejection = run_evaluator(path, lab, "val", timeout=0.5)
     assert isinstance(rejection, Rejection) and rejection.kind == "timeout"
     assert time.monotonic() - started < 10
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait_until_idle(pid: int, limit: float = 120) -> None:
+    """Until the process has used no CPU for a second: it has prepared and waits for its model."""
+    deadline, last = time.monotonic() + limit, -1
+    while time.monotonic() < deadline:
+        ticks = _cpu_ticks(pid)
+        if ticks == last:
+            return
+        last = ticks
+        time.sleep(1.0)
+    raise AssertionError("the evaluator never settled")
+
+
+def test_an_evaluator_started_with_the_run_prepares_first_and_scores_faster(prepare: ModuleType, lab: Path,
+                                                                            tmp_path: Path) -> None:
+    with EvaluatorProcess(lab) as evaluator:
+        _wait_until_idle(evaluator._proc.pid)  # the run trains meanwhile: the model does not exist yet
+        path = export(prepare, Mixer(vocab(prepare)), tmp_path / "model.pt2")
+        started = time.monotonic()
+        warm = evaluator.score(path, timeout=120)
+        warm_seconds = time.monotonic() - started
+    started = time.monotonic()
+    cold = run_evaluator(path, lab, "val", timeout=120)
+    cold_seconds = time.monotonic() - started
+    assert isinstance(warm, EvalResult) and isinstance(cold, EvalResult), (warm, cold)
+    assert warm.bpb == cold.bpb == evaluate_model(path, lab).bpb
+    assert warm_seconds < 0.8 * cold_seconds, (warm_seconds, cold_seconds)  # no interpreter, torch or split to load
+
+
+def test_an_evaluator_never_handed_a_model_leaves_nothing_behind(lab: Path) -> None:
+    evaluator = EvaluatorProcess(lab)
+    pid, scratch = evaluator._proc.pid, Path(evaluator._scratch.name)
+    evaluator.close()  # the run crashed before its hand-off
+    assert evaluator._proc.returncode is not None and not scratch.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    evaluator = EvaluatorProcess(lab)  # the orchestrator died: standard input ends and so does the evaluator
+    try:
+        assert evaluator._proc.stdin is not None
+        evaluator._proc.stdin.close()
+        assert evaluator._proc.wait(timeout=120) == 0
+        assert not Path(evaluator._out).exists()
+    finally:
+        evaluator.close()

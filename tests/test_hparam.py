@@ -278,6 +278,16 @@ def test_same_seed_same_history_same_proposal(ledger: Ledger, tmp_path: Path) ->
     assert len(others | {a.description}) > 1
 
 
+def test_a_new_champion_gets_new_samples_not_the_old_ones_again(ledger: Ledger) -> None:
+    """Random samples continue their sequence when the champion moves: the sampler's RNG depends on
+    the history, so a keep does not restart it (which re-proposed the first samples' changes)."""
+    proposals = ratchet(HparamAgent(seed=5, startup_trials=1000), ledger, objective, 16)
+    assert sum(e.status == "keep" for e in ledger.experiments(TAG)) >= 3  # the champion moved several times
+    changes = [tuple(sorted((n, repr(p.meta["params"][n])) for n in p.meta["changed"])) for _, p in proposals]
+    assert len(set(changes)) == len(changes), changes
+    assert all(p.rationale.startswith("random start-up sample") for _, p in proposals)
+
+
 def test_history_becomes_trials(ledger: Ledger) -> None:
     agent = HparamAgent()
     record(ledger, "c0", "keep", 1.0, kind="baseline", commit="c0")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import importlib
 import io
 import json
 import math
@@ -69,6 +70,8 @@ _OPERATOR_FUNCS = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod",
                    "lt", "le", "gt", "ge", "and_", "or_", "lshift", "rshift", "trunc"}
 _SYM_FUNCS = {"sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "_sym_sqrt"}
 _HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
+# modules torch.export.load imports the first time (torch 2.13), imported while the run trains
+_LOAD_MODULES = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch.export.passes")
 _ARCHIVE_ROOT = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
 
 
@@ -291,88 +294,155 @@ def check_causal(forward: torch.nn.Module, rows: torch.Tensor, n_vocab: int, see
                                          f"when only tokens after {t} change", kind="noncausal")
 
 
+class Scorer:
+    """A split made ready for scoring: the task read, the split's fingerprint checked against the
+    manifest and its rows tokenized. Everything here comes before a model exists, so a lab's loop
+    can do it while the run trains (see EvaluatorProcess).
+
+    Data problems raise DataNotPrepared or CacheCorrupt (the split is re-hashed every time).
+    """
+
+    def __init__(self, lab: Path, split: str = "val", device: str = "cpu") -> None:
+        task = load_config(lab).task
+        if task is None:
+            raise ConfigError(f"{lab} has no [task] table", "the evaluator scores the built-in GPT task only")
+        prepared = load_prepared(task.dataset, task.vocab_size)
+        prepared.verify_split(split)
+        self.split, self.device, self.seq_len = split, device, task.max_seq_len
+        self.fingerprint = prepared.fingerprint(split)
+        self.enc = load_encoding(prepared.tokenizer_dir)
+        self.token_bytes = load_token_bytes(prepared.tokenizer_dir).to(device)
+        self.rows = torch.from_numpy(eval_rows(self.enc, prepared.files(split), task.max_seq_len,
+                                               task.eval_tokens)).to(device)
+        if len(self.rows) == 0:
+            raise ConfigError(f"the {split} split is too small for one row of {task.max_seq_len} tokens")
+        for module in _LOAD_MODULES:  # what torch.export.load imports on first use: ~1.5 s on 2 cores
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+    def score(self, model_path: Path) -> EvalResult:
+        """The model's bits per byte on the split; EvaluationRejected when it may not be scored.
+        Its `seconds` count from here: loading, checks and scoring."""
+        started = time.monotonic()
+        rows, n_vocab = self.rows, self.enc.n_vocab
+        forward = load_program(model_path, self.device)
+        with torch.no_grad():
+            check_causal(forward, rows[:, :-1], n_vocab, seed=int.from_bytes(os.urandom(4), "little"))
+            total_nats, total_bytes, total_tokens = 0.0, 0, 0
+            batch = max(1, BATCH_TOKENS // self.seq_len)
+            for start in range(0, len(rows), batch):
+                x, y = rows[start : start + batch, :-1], rows[start : start + batch, 1:]
+                logits = _logits(forward, x, n_vocab)
+                nats = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                nbytes = self.token_bytes[y]
+                total_nats += float((nats * (nbytes > 0)).sum())
+                total_bytes += int(nbytes.sum())
+                total_tokens += int((nbytes > 0).sum())
+        bpb = total_nats / (math.log(2) * total_bytes)
+        return EvalResult(self.split, bpb, total_tokens, total_bytes, time.monotonic() - started, self.fingerprint)
+
+
 def evaluate_model(model_path: Path, lab: Path, split: str = "val", device: str = "cpu") -> EvalResult:
     """Score a saved model on the lab's pinned split; EvaluationRejected when it may not be scored.
 
-    The lab's [task] table fixes the dataset, context length and number of tokens. Data problems
-    raise DataNotPrepared or CacheCorrupt (the fingerprint of the split is re-hashed every time).
+    The lab's [task] table fixes the dataset, context length and number of tokens.
     """
-    started = time.monotonic()
-    task = load_config(lab).task
-    if task is None:
-        raise ConfigError(f"{lab} has no [task] table", "the evaluator scores the built-in GPT task only")
-    prepared = load_prepared(task.dataset, task.vocab_size)
-    prepared.verify_split(split)
-    enc = load_encoding(prepared.tokenizer_dir)
-    token_bytes = load_token_bytes(prepared.tokenizer_dir).to(device)
-    rows = torch.from_numpy(eval_rows(enc, prepared.files(split), task.max_seq_len, task.eval_tokens)).to(device)
-    if len(rows) == 0:
-        raise ConfigError(f"the {split} split is too small for one row of {task.max_seq_len} tokens")
-    forward = load_program(model_path, device)
-    with torch.no_grad():
-        check_causal(forward, rows[:, :-1], enc.n_vocab, seed=int.from_bytes(os.urandom(4), "little"))
-        total_nats, total_bytes, total_tokens = 0.0, 0, 0
-        batch = max(1, BATCH_TOKENS // task.max_seq_len)
-        for start in range(0, len(rows), batch):
-            x, y = rows[start : start + batch, :-1], rows[start : start + batch, 1:]
-            logits = _logits(forward, x, enc.n_vocab)
-            nats = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            nbytes = token_bytes[y]
-            total_nats += float((nats * (nbytes > 0)).sum())
-            total_bytes += int(nbytes.sum())
-            total_tokens += int((nbytes > 0).sum())
-    bpb = total_nats / (math.log(2) * total_bytes)
-    return EvalResult(split, bpb, total_tokens, total_bytes, time.monotonic() - started, prepared.fingerprint(split))
+    return Scorer(lab, split, device).score(model_path)
+
+
+class EvaluatorProcess:
+    """The evaluator in a subprocess of its own, started before there is a model to score.
+
+    It prepares the split at once (importing torch, checking the split, tokenizing its rows: about
+    a third of an evaluation at the cpu preset) and then waits for `score`, so that a lab's loop
+    can start it with a run and only loading and scoring the model remain after the hand-off.
+
+    The process starts in an empty temporary directory with PYTHONSAFEPATH set, so neither the
+    lab's nor the handoff folder's files can shadow a module it imports; secrets are left out of
+    its environment. `close` (or leaving the `with` block) ends it if it is still waiting.
+    """
+
+    def __init__(self, lab: Path, split: str = "val", device: str = "cpu") -> None:
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {k: v for k, v in os.environ.items() if not any(fnmatch.fnmatchcase(k.upper(), p.upper())
+                                                               for p in SECRET_PATTERNS)}
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")])),
+                   PYTHONSAFEPATH="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
+        self.split = split
+        self._scratch = tempfile.TemporaryDirectory(prefix="autoresearch-eval-")
+        self._out = Path(self._scratch.name) / "result.json"
+        self._log = open(Path(self._scratch.name) / "log", "w+")  # noqa: SIM115 - closed in close()
+        command = [sys.executable, "-m", "autoresearch.evaluator", "--model", "-", "--lab", str(Path(lab).resolve()),
+                   "--split", split, "--device", device, "--out", str(self._out)]
+        self._proc = subprocess.Popen(command, cwd=self._scratch.name, env=env, stdin=subprocess.PIPE,
+                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def score(self, model_path: Path, timeout: float = 600.0) -> EvalResult | Rejection:
+        """Hand the model over and wait for its score, at most `timeout` seconds from now.
+
+        A Rejection when the model is refused, runs past `timeout` (kind timeout) or takes the
+        process down without a result (kind crash: out of memory, a kernel fault); EvaluatorFailed
+        when the evaluator reports a failure of its own (the cache is missing or does not match its
+        manifest). Once only.
+        """
+        assert self._proc.stdin is not None and not self._proc.stdin.closed, "score() is called once"
+        with contextlib.suppress(BrokenPipeError):  # it already failed while preparing: its result says why
+            self._proc.stdin.write(f"{Path(model_path).resolve()}\n".encode())
+            self._proc.stdin.close()
+        try:
+            code = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            return Rejection("timeout", f"the evaluation took longer than {timeout:g}s")
+        try:
+            result = json.loads(self._out.read_text())
+        except (OSError, ValueError):
+            self._log.seek(0)
+            last = self._log.read()[-2000:].strip().splitlines()[-1:] or ["no output"]
+            return Rejection("crash", f"the evaluator died with status {code} while scoring the model: {last[0]}")
+        finally:
+            self.close()
+        if code == 0 and f"{self.split}_bpb" in result:
+            return EvalResult(self.split, float(result[f"{self.split}_bpb"]), int(result["tokens"]),
+                              int(result["bytes"]), float(result["seconds"]), str(result["fingerprint"]),
+                              bool(result["causal"]))
+        if code == REJECTED:
+            return Rejection(str(result.get("kind", "bad_model")), str(result.get("error")))
+        raise EvaluatorFailed(f"the evaluator failed ({result.get('kind', 'error')}): {result.get('error')}")
+
+    def close(self) -> None:
+        """End the process (and anything it started) if it still runs, and remove its scratch folder."""
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+        if self._proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+        self._log.close()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> EvaluatorProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_evaluator(model_path: Path, lab: Path, split: str = "val", timeout: float = 600.0,
                   device: str = "cpu") -> EvalResult | Rejection:
-    """Run the evaluator in a subprocess of its own (a new session, killed as a group at `timeout`).
-
-    It starts in an empty temporary directory with PYTHONSAFEPATH set, so neither the lab's nor the
-    handoff folder's files can shadow a module it imports; secrets are left out of its environment.
-    A Rejection when the model is refused, runs past `timeout` (kind timeout) or takes the process
-    down without a result (kind crash: out of memory, a kernel fault); EvaluatorFailed when the
-    evaluator reports a failure of its own (the cache is missing or does not match its manifest).
-    """
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if not any(fnmatch.fnmatchcase(k.upper(), p.upper())
-                                                           for p in SECRET_PATTERNS)}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")])),
-               PYTHONSAFEPATH="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
-    with tempfile.TemporaryDirectory(prefix="autoresearch-eval-") as scratch:
-        out = Path(scratch) / "result.json"
-        command = [sys.executable, "-m", "autoresearch.evaluator", "--model", str(Path(model_path).resolve()),
-                   "--lab", str(Path(lab).resolve()), "--split", split, "--device", device, "--out", str(out)]
-        with open(Path(scratch) / "log", "w+") as log:
-            proc = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return Rejection("timeout", f"the evaluation took longer than {timeout:g}s")
-            log.seek(0)
-            tail = log.read()[-2000:]
-        try:
-            result = json.loads(out.read_text())
-        except (OSError, ValueError):
-            last = tail.strip().splitlines()[-1:] or ["no output"]
-            return Rejection("crash", f"the evaluator died with status {code} while scoring the model: {last[0]}")
-    if code == 0 and f"{split}_bpb" in result:
-        return EvalResult(split, float(result[f"{split}_bpb"]), int(result["tokens"]), int(result["bytes"]),
-                          float(result["seconds"]), str(result["fingerprint"]), bool(result["causal"]))
-    if code == REJECTED:
-        return Rejection(str(result.get("kind", "bad_model")), str(result.get("error")))
-    raise EvaluatorFailed(f"the evaluator failed ({result.get('kind', 'error')}): {result.get('error')}")
+    """Score a model that already exists in an EvaluatorProcess of its own (see there), killed as a
+    group at `timeout`."""
+    with EvaluatorProcess(lab, split, device) as evaluator:
+        return evaluator.score(model_path, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Score one saved model; print the result as JSON and write it to --out."""
     parser = argparse.ArgumentParser(prog="python -m autoresearch.evaluator", description=main.__doc__)
-    parser.add_argument("--model", type=Path, required=True, help="the model.pt2 that evaluate_bpb saved")
+    parser.add_argument("--model", required=True,
+                        help="the model.pt2 that evaluate_bpb saved, or - to prepare the split first and then "
+                             "read the model's path from standard input (an empty line: nothing to score)")
     parser.add_argument("--lab", type=Path, required=True, help="the lab whose autoresearch.toml fixes the task")
     parser.add_argument("--split", choices=("val", "test"), default="val")
     parser.add_argument("--device", default="cpu")
@@ -380,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     status = 0
     try:
-        result: dict[str, Any] = evaluate_model(args.model, args.lab, args.split, args.device).to_json()
+        scorer = Scorer(args.lab, args.split, args.device)
+        model = sys.stdin.readline().strip() if args.model == "-" else args.model
+        if not model:
+            return 0
+        result: dict[str, Any] = scorer.score(Path(model)).to_json()
     except EvaluationRejected as exc:
         result, status = {"error": str(exc), "kind": exc.kind}, REJECTED
     except AutoresearchError as exc:

@@ -11,6 +11,7 @@ kept under `refs/autoresearch/experiments/<id>`; experiments run in a worktree o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -484,7 +485,8 @@ class Loop:
                 on_tick=self.view.tick, python=sys.executable,
             )
             try:
-                result = runner_mod.run_experiment(spec)
+                with trusted or contextlib.nullcontext():  # the evaluator prepares while the run trains
+                    result = runner_mod.run_experiment(spec)
             except KeyboardInterrupt:
                 self.ledger.update(eid, status="killed", outcome="killed", reason="abandoned: stopped by Ctrl-C",
                                    finished_at=time.time())

@@ -13,11 +13,15 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import runner as runner_mod
 from .config import LabConfig
 from .errors import AutoresearchError
 from .lab import Lab
+
+if TYPE_CHECKING:
+    from .evaluator import EvaluatorProcess
 
 
 def read_metric(config: LabConfig, worktree: Path, result: runner_mod.RunResult) -> float | None:
@@ -78,8 +82,12 @@ def write_trusted_toml(folder: Path, toml: bytes) -> Path:
 
 
 class TrustedEval:
-    """The trusted half of one run: when the run hands its model over, score it in a separate
-    evaluator process and answer the run; afterwards, say what (if anything) disqualifies it."""
+    """The trusted half of one run: an evaluator process started with the run, which prepares the
+    validation split while the run trains; when the run hands its model over, it scores it and the
+    run gets its answer. Afterwards, say what (if anything) disqualifies the run.
+
+    Use it as a context manager around the run: leaving ends an evaluator the run never needed.
+    """
 
     def __init__(self, folder: Path, trusted_lab: Path, budget: float, startup_allowance: float,
                  eval_allowance: float) -> None:
@@ -87,6 +95,17 @@ class TrustedEval:
         self.budget, self.startup_allowance, self.eval_allowance = budget, startup_allowance, eval_allowance
         self.bpb: float | None = None
         self.rejection: str | None = None
+        self._process: EvaluatorProcess | None = None
+
+    def __enter__(self) -> TrustedEval:
+        from .evaluator import EvaluatorProcess
+
+        self._process = EvaluatorProcess(self.lab, "val")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._process.close()
 
     def env(self) -> dict[str, str]:
         """What tells prepare.py in the run where to hand its model over."""
@@ -94,9 +113,10 @@ class TrustedEval:
 
     def evaluate(self, folder: Path) -> None:
         """Called by the runner (in its thread) when the model has been handed over."""
-        from .evaluator import Rejection, run_evaluator
+        from .evaluator import Rejection
 
-        result = run_evaluator(folder / "model.pt2", self.lab, "val", timeout=self.eval_allowance)
+        assert self._process is not None, "TrustedEval is entered (with ...) before the run starts"
+        result = self._process.score(folder / "model.pt2", timeout=self.eval_allowance)
         if isinstance(result, Rejection):
             self.rejection = f"{result.kind}: {result.error}"
             runner_mod.write_handoff_result(folder, {"error": f"the evaluator rejected the model ({self.rejection})"})

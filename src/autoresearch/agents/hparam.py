@@ -11,8 +11,9 @@ Choices, and why:
   champion's values. A change of one or two constants can be judged and kept under the ratchet; a
   change of fifteen cannot. The values actually written are what is stored (and told to the rebuilt
   study with their distributions), so TPE learns from what really ran.
-- The study is rebuilt from `context.history` on every call: it survives restarts, and two agents with
-  the same seed and history propose the same thing.
+- The study is rebuilt from `context.history` on every call, its sampler seeded by the agent's seed
+  and the history's length: it survives restarts, two agents with the same seed and history propose
+  the same thing, and random samples never restart their sequence when the champion moves.
 - A crash, timeout or invalid run is told as a finished trial with a violated constraint. TPE ignores
   FAIL trials altogether; an infeasible trial always lands in its bad group, so the sampler moves away
   from what crashed. Runs still in flight are told as RUNNING (TPE's constant liar spreads parallel
@@ -373,7 +374,10 @@ class HparamAgent:
 
     def _study(self, context: ResearchContext, dims: dict[str, Dim], origin: dict[str, Value]) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.startup_trials)
+        # seeded by the history too: with the seed alone, every rebuilt study would draw the same random
+        # start-up samples, so each new champion was offered the first samples' changes again
+        seed = random.Random(f"{self.seed}-{len(context.history)}").getrandbits(32)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.startup_trials)
         direction = StudyDirection.MAXIMIZE if context.direction == "max" else StudyDirection.MINIMIZE
         study = optuna.create_study(direction=direction, sampler=sampler)
         dists = {n: d.dist for n, d in dims.items()}
