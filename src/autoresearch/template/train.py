@@ -327,8 +327,9 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.window_sizes[i])
         x = norm(x)
         softcap, chunk = self.config.softcap, self.config.loss_chunk
-        if targets is None:
-            return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+        if targets is None:  # logits (what the trusted evaluator scores): the same softcap, in place and
+            # via sigmoid, as tanh over B*T*V fp32 logits took a quarter of an evaluation on CPU
+            return softcap_logits(x, self.lm_head.weight, softcap).mul_(2 * softcap).sub_(softcap)
         h, t = x.reshape(B * T, -1), targets.reshape(B * T)
         if not chunk:
             logits = softcap * torch.tanh(self.lm_head(h).float() / softcap)
