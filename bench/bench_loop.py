@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,9 +89,14 @@ def lab_utilization(args: argparse.Namespace) -> None:
         runs = sum(e.run_seconds or 0 for e in measured)
         startup = [float(e.summary.get("total_seconds", 0)) - float(e.summary.get("training_seconds", 0))
                    for e in measured if e.summary]
+        handed = [e for e in measured if e.handoff_seconds]
+        after = statistics.median(e.run_seconds - e.handoff_seconds for e in handed) if handed else float("nan")
+        before = statistics.median(e.handoff_seconds - budget for e in handed) if handed else float("nan")
         print(f"budget {budget:>4} s: {len(rows)} experiments in {wall:.0f} s; utilization {budget * len(rows) / wall:.1%}; "
               f"per run: {runs / len(measured):.1f} s wall, start-up+eval (train.py's own view) "
               f"{sum(startup) / max(1, len(startup)):.1f} s; loop overhead {(wall - runs) / len(rows):.2f} s")
+        print(f"{'':>14} medians: model handed over {before:.1f} s after the budget (start-up and export), "
+              f"scored and exited {after:.1f} s after that (trusted evaluation)")
 
 
 def main() -> None:
