@@ -111,3 +111,23 @@ def test_status_marks_the_run_it_leaves_out(tmp_path: Path) -> None:
                    description="idea", status="discard", outcome="ok", metric=9.0)
         rows = status_rows(ledger.experiments("t"))
     assert [r["left_out"] for r in rows] == [True, False, False, False, False]
+
+
+def test_status_marks_a_run_that_had_less_of_the_machine(tmp_path: Path) -> None:
+    from autoresearch.ledger import Ledger
+    from autoresearch.report import status_rows
+
+    with Ledger(tmp_path / "l.db") as ledger:
+        run = ledger.start_run("t", "hparam", {})
+        for i, cpu in enumerate((118.0, 121.0, 70.0, 119.0, 117.0, None)):  # cores: 1.97, 2.02, 1.17, ...
+            ledger.add(run_id=run, tag="t", kind="experiment", parent_commit="abc", agent="hparam",
+                       description=f"idea {i}", status="discard", outcome="ok", metric=1.5,
+                       run_seconds=60.0, cpu_seconds=cpu)
+        ledger.add(run_id=run, tag="t", kind="experiment", parent_commit="abc", agent="hparam", description="crash",
+                   status="crash", outcome="crash", run_seconds=2.0, cpu_seconds=0.1)  # not compared
+        rows = status_rows(ledger.experiments("t"))
+        assert [r["disturbed"] is not None for r in rows] == [False, False, True, False, False, False, False]
+        assert rows[2]["disturbed"] == pytest.approx(118.0 / 60) and rows[2]["cores"] == pytest.approx(70 / 60)
+        assert rows[5]["cores"] is None
+        few = status_rows(ledger.experiments("t")[:3])  # under 4 measured runs: no typical figure yet
+        assert all(r["disturbed"] is None for r in few)

@@ -185,6 +185,21 @@ child.wait()
     assert result.outcome == "ok" and result.peak_rss_mb > 240
 
 
+def test_cpu_seconds_count_the_tree_busy_or_idle(tmp_path: Path) -> None:
+    busy = """import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time\\nend = time.time() + 1.5\\nwhile time.time() < end: pass\\ntime.sleep(0.5)"])
+end = time.time() + 1.5
+while time.time() < end:
+    pass
+child.wait()
+"""
+    result = run(tmp_path, busy, sample_seconds=0.1)
+    assert result.outcome == "ok" and result.cpu_seconds is not None
+    assert 2.4 < result.cpu_seconds <= 2 * result.wall_seconds  # two processes, each 1.5 s of spinning
+    idle = run(tmp_path, "import time\ntime.sleep(1.5)\n", sample_seconds=0.1)
+    assert idle.cpu_seconds is not None and idle.cpu_seconds < 0.5 < idle.wall_seconds
+
+
 def test_empty_command_is_a_crash(tmp_path: Path) -> None:
     result = run(tmp_path, "", command=[])
     assert result.outcome == "crash" and result.error == "cannot start the command: the command is empty"

@@ -146,7 +146,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}",
                       r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else "")
-                      + (" (left out: far off the other runs of this commit)" if r["left_out"] else ""))
+                      + (" (left out: far off the other runs of this commit)" if r["left_out"] else "")
+                      + (f" (disturbed: it kept {r['cores']:.1f} cores busy where this run's experiments "
+                         f"typically keep {r['disturbed']:.1f}; another job shared the machine)" if r["disturbed"] else ""))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 

@@ -97,7 +97,14 @@ def m004_trust(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE experiments ADD COLUMN sandbox TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents, m004_trust]
+def m005_cpu(db: sqlite3.Connection) -> None:
+    """The CPU seconds a run's process tree used: over its wall seconds, the cores it had, which
+    drop when another job shares the machine."""
+    db.execute("ALTER TABLE experiments ADD COLUMN cpu_seconds REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents, m004_trust,
+                                                          m005_cpu]
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class Experiment:
     printed_metric: float | None = None
     handoff_seconds: float | None = None
     sandbox: str | None = None
+    cpu_seconds: float | None = None
 
     @property
     def meta(self) -> dict[str, Any]:

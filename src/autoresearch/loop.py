@@ -503,6 +503,7 @@ class Loop:
                         outcome, reason = "invalid", problem
             self.ledger.update(
                 eid, outcome=outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
+                cpu_seconds=result.cpu_seconds,
                 metric=metric, printed_metric=printed, handoff_seconds=result.handoff_seconds,
                 memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024), reason=reason,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,35 @@ from .judge import outliers
 from .ledger import Experiment, runs_of
 
 
+# A run that had less than this fraction of the CPU its tag's runs typically had shared the machine
+# with another job. Identical runs on a quiet machine differ by a few percent; the runs of a bench
+# that shared 2 cores with a niced test suite took ~1.4x as long.
+DISTURBED_SHARE = 0.8
+
+
+def cores_used(e: Experiment) -> float | None:
+    """The CPU seconds of a finished run over its wall seconds: how many cores it kept busy."""
+    if e.cpu_seconds is None or not e.run_seconds or e.outcome != "ok":
+        return None
+    return e.cpu_seconds / e.run_seconds
+
+
+def disturbed(experiments: list[Experiment]) -> dict[int, float]:
+    """The runs that had much less CPU than the median of the tag's runs (with 4 or more measured),
+    mapped to that median: another job took part of the machine, so a metric that depends on time,
+    such as val_bpb after a fixed budget, may be off for them."""
+    cores = {e.id: c for e in experiments if (c := cores_used(e)) is not None}
+    if len(cores) < 4:
+        return {}
+    typical = statistics.median(cores.values())
+    return {i: typical for i, c in cores.items() if c < DISTURBED_SHARE * typical}
+
+
 def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     """One dict per experiment; `delta` is against the champion of its time (negative = lower);
-    `left_out` marks a run the judge does not count for a champion, far off its other runs."""
+    `left_out` marks a run the judge does not count for a champion, far off its other runs;
+    `disturbed` is the typical cores of the tag's runs when this one had much fewer (else None)."""
+    shared = disturbed(experiments)
     left_out: set[int] = set()
     for e in experiments:
         if e.kind != "repeat" and e.status == "keep":  # a candidate's own runs are never trimmed
@@ -29,7 +56,8 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             "memory_gb": e.memory_gb, "agent": e.agent, "parent_commit": e.parent_commit[:7],
             "summary": e.summary, "test_metric": e.test_metric, "printed_metric": e.printed_metric,
             "sigma": e.sigma, "repeat_of": e.repeat_of, "sandbox": e.sandbox, "handoff_seconds": e.handoff_seconds,
-            "cost_usd": e.cost_usd, "left_out": e.id in left_out,
+            "cost_usd": e.cost_usd, "left_out": e.id in left_out, "cpu_seconds": e.cpu_seconds,
+            "cores": cores_used(e), "disturbed": shared.get(e.id),
         })
     return rows
 

@@ -115,6 +115,7 @@ class RunResult:
     summary: dict[str, float | str]  # the `key: value` lines after the last `---` line
     sandbox: str = "none"  # the confinement in force: "bwrap", "unshare-net" or "none"
     handoff_seconds: float | None = None  # spawn to the first sight of `<handoff_dir>/ready`
+    cpu_seconds: float | None = None  # user + system time of the process tree, as last sampled
 
 
 def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]:
@@ -227,7 +228,8 @@ def run_experiment(spec: RunSpec) -> RunResult:
         tail = tail[1:]  # the first one is cut
     return RunResult(outcome, None if sig is not None else proc.returncode, sig, error, end - start,
                      tree.peak_rss / 2**20, spec.log_path, log.total, log.truncated,
-                     "\n".join(tail[-TAIL_LINES:]), summary, box.mode, None if handoff is None else handoff.seen)
+                     "\n".join(tail[-TAIL_LINES:]), summary, box.mode, None if handoff is None else handoff.seen,
+                     tree.cpu_seconds)
 
 
 def write_handoff_result(handoff_dir: Path, result: Mapping[str, object]) -> None:
@@ -388,6 +390,7 @@ class _Tree:
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc, self.peak_rss = proc, 0
         self.known: dict[int, psutil.Process] = {}
+        self.cpu: dict[psutil.Process, float] = {}  # the last user + system seconds seen of each process
         try:
             self.known[proc.pid] = psutil.Process(proc.pid)
         except psutil.Error:
@@ -409,9 +412,17 @@ class _Tree:
         for proc in alive.values():
             try:
                 total += proc.memory_info().rss
+                times = proc.cpu_times()
+                self.cpu[proc] = times.user + times.system
             except psutil.Error:
                 continue
         self.peak_rss = max(self.peak_rss, total)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of every process seen, up to its last sample: a process's final `sample_seconds`
+        are missed (another job on the machine shows as less CPU time per wall second)."""
+        return sum(self.cpu.values())
 
     def gone(self) -> bool:
         return (self.proc.poll() is not None and not group_alive(self.proc.pid)
