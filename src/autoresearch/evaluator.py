@@ -382,8 +382,13 @@ class EvaluatorProcess:
         self._log = open(Path(self._scratch.name) / "log", "w+")  # noqa: SIM115 - closed in close()
         command = [sys.executable, "-m", "autoresearch.evaluator", "--model", "-", "--lab", str(Path(lab).resolve()),
                    "--split", split, "--device", device, "--out", str(self._out)]
-        self._proc = subprocess.Popen(command, cwd=self._scratch.name, env=env, stdin=subprocess.PIPE,
-                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._proc = subprocess.Popen(command, cwd=self._scratch.name, env=env, stdin=subprocess.PIPE,
+                                          stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError:
+            self._log.close()
+            self._scratch.cleanup()
+            raise
 
     def score(self, model_path: Path, timeout: float = 600.0) -> EvalResult | Rejection:
         """Hand the model over and wait for its score, at most `timeout` seconds from now.
