@@ -143,6 +143,24 @@ def test_bf16_autocast_close_to_fp32(train):
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_norm_matches_rms_norm_with_gradients(train):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 64) * 4).requires_grad_()
+    out, ref = train.norm(x), F.rms_norm(x, (64,))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], ref_grad, rtol=1e-4, atol=1e-6)
+    # bf16 in, bf16 out, within a few bf16 steps of the fp32 result
+    xb = x.detach().bfloat16().requires_grad_()
+    outb = train.norm(xb)
+    assert outb.dtype == torch.bfloat16
+    torch.testing.assert_close(outb.float(), ref.detach(), rtol=0.02, atol=0.02)
+    (gb,) = torch.autograd.grad(outb, xb, g.bfloat16())
+    assert gb.dtype == torch.bfloat16
+    torch.testing.assert_close(gb.float(), ref_grad, rtol=0.05, atol=0.02)
+
+
 @pytest.mark.parametrize("pattern", ["L", "SL", "SSSL"])
 def test_causal(train, pattern):
     """Changing tokens after position t leaves the losses at positions <= t unchanged."""
