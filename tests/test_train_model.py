@@ -143,6 +143,25 @@ def test_bf16_autocast_close_to_fp32(train):
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_rotary_rotates_pairs_and_its_backward_is_autograds(train):
+    torch.manual_seed(0)
+    model = make_model(train, chunk=16)
+    T, D = 10, model.cos.size(-1)
+    x = torch.randn(2, T, 3, D, dtype=torch.float64, requires_grad=True)
+    cos, sin = model.cos[:, :T].double(), model.sin[:, :T].double()
+    out = train.apply_rotary(x, cos, sin)
+    # each pair (x_i, x_{i+D/2}) turns by the angle of its position and frequency
+    theta = torch.outer(torch.arange(T, dtype=torch.float64),
+                        1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))[None, :, None, :]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    expected = torch.cat((x1 * theta.cos() + x2 * theta.sin(), x2 * theta.cos() - x1 * theta.sin()), dim=-1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # the tables are fp32
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(train.rotate(x, cos, sin), x, g)[0])
+    torch.testing.assert_close(out.detach().norm(dim=-1), x.detach().norm(dim=-1))  # a rotation
+
+
 def test_norm_matches_rms_norm_with_gradients(train):
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 64) * 4).requires_grad_()
