@@ -300,6 +300,39 @@ def test_orthogonalize_flattens_the_spectrum(train):
         assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
 
 
+def reference_muon_step(params, grads, state, lr, momentum, weight_decay, beta2, orthogonalize):
+    # the update written plainly: Nesterov momentum, orthogonalisation, NorMuon's per-neuron
+    # rescaling to the same overall size, cautious weight decay
+    state["momentum"] = state["momentum"] + (1 - momentum) * (grads - state["momentum"])
+    g = grads + momentum * (state["momentum"] - grads)
+    u = orthogonalize(g).float()
+    red_dim = -1 if u.size(-2) >= u.size(-1) else -2
+    v_mean = (u * u).mean(dim=red_dim, keepdim=True)
+    state["second"] = state["second"] + (1 - beta2) * (v_mean - state["second"])
+    scaled = u / state["second"].clamp(min=1e-10).sqrt()
+    u = scaled * u.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True)
+    decay = torch.where(u * params > 0, params, torch.zeros_like(params))
+    return params - lr * (u + weight_decay * decay)
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 32), (2, 16, 48), (2, 48, 16)])
+def test_muon_step_matches_the_plain_formula(train, shape):
+    torch.manual_seed(0)
+    rows, cols = shape[-2:]
+    second_shape = (shape[0], rows, 1) if rows >= cols else (shape[0], 1, cols)
+    params = torch.randn(shape) * 0.1
+    expected = params.clone()
+    state = dict(momentum=torch.zeros(shape), second=torch.zeros(second_shape))
+    ref_state = {k: v.clone() for k, v in state.items()}
+    for _ in range(3):
+        grads = torch.randn(shape)
+        ref_grads = grads.clone()
+        train.muon_step(params, grads, state, 0.02, 0.9, 0.3, 0.95)
+        expected = reference_muon_step(expected, ref_grads, ref_state, 0.02, 0.9, 0.3, 0.95, train.orthogonalize)
+        torch.testing.assert_close(params, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(state["second"], ref_state["second"])
+
+
 def test_schedules(train, monkeypatch):
     monkeypatch.setattr(train, "WARMUP_RATIO", 0.1)
     monkeypatch.setattr(train, "WARMDOWN_RATIO", 0.5)

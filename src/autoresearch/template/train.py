@@ -423,19 +423,22 @@ def orthogonalize(g):
 def muon_step(params, grads, state, lr, momentum, weight_decay, beta2):
     # Muon (Jordan et al. 2024) with Nesterov momentum, NorMuon's per-neuron second moment
     # (arxiv 2510.05491) and cautious weight decay (only where update and weight agree in sign)
-    g = grads
-    state["momentum"].lerp_(g, 1 - momentum)
-    g = g.lerp(state["momentum"], momentum)
-    u = orthogonalize(g).float()
+    # `grads` is a fresh stack of the gradients, free to be overwritten; the elementwise work is
+    # written as few passes as possible (it took 30% of the optimizer's time when written plainly)
+    state["momentum"].lerp_(grads, 1 - momentum)
+    g = grads.lerp_(state["momentum"], momentum)
+    u = orthogonalize(g).to(torch.float32, memory_format=torch.contiguous_format)
     red_dim = -1 if u.size(-2) >= u.size(-1) else -2
-    v_mean = u.square().mean(dim=red_dim, keepdim=True)
-    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * u.size(red_dim)).sqrt()
+    n = u.size(red_dim)
+    v_mean = u.square().mean(dim=red_dim, keepdim=True)  # vector_norm is 8x slower over dim -2
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
     state["second"].lerp_(v_mean, 1 - beta2)
     scale = state["second"].clamp(min=1e-10).rsqrt()
-    new_norm = (v_mean * u.size(red_dim) * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    u = u * (scale * v_norm / new_norm.clamp(min=1e-10))  # same overall size, rescaled per neuron
-    decay = (u * params > 0) * params
-    params.sub_(lr * (u + weight_decay * decay))
+    new_norm = (v_mean * n * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    factor = scale * v_norm / new_norm.clamp(min=1e-10)  # same overall size, rescaled per neuron
+    agree = torch.mul(u, params).gt_(0)  # the factor is positive: it does not change signs
+    params.addcmul_(agree, params, value=-lr * weight_decay)
+    params.addcmul_(u, factor, value=-lr)
 
 
 def adamw_step(param, grad, state, lr, betas, eps, weight_decay):
