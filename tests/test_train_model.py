@@ -333,6 +333,24 @@ def test_muon_step_matches_the_plain_formula(train, shape):
         torch.testing.assert_close(state["second"], ref_state["second"])
 
 
+def test_adamw_step_matches_torch_adamw(train):
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(4)]
+    ref = [p.clone().requires_grad_() for p in params]
+    ref_opt = torch.optim.AdamW(ref, lr=0.05, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, foreach=False)
+    state = dict(step=[torch.zeros(()) for _ in params], m=[torch.zeros_like(p) for p in params],
+                 v=[torch.zeros_like(p) for p in params])
+    for _ in range(4):
+        for p, r in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        train.adamw_step(params, state, 0.05, (0.8, 0.95), 1e-10, 0.1)
+        ref_opt.step()
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r.detach())
+    assert [s.item() for s in state["step"]] == [4.0, 4.0]
+
+
 def test_schedules(train, monkeypatch):
     monkeypatch.setattr(train, "WARMUP_RATIO", 0.1)
     monkeypatch.setattr(train, "WARMDOWN_RATIO", 0.5)
