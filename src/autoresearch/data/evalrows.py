@@ -50,7 +50,7 @@ def eval_rows(enc: tiktoken.Encoding, files: Sequence[Path], max_seq_len: int, e
     bos = enc.encode_single_token(BOS_TOKEN)
     docs = shuffled_epochs(row_group_loaders(files), seed=0, shuffle=False)
     first_pass = itertools.takewhile(lambda doc: doc[1] == 1, docs)
-    pieces = document_pieces(first_pass, lambda texts: enc.encode_ordinary_batch(texts), bos, capacity)
+    pieces = document_pieces(first_pass, lambda texts: [enc.encode_ordinary(t) for t in texts], bos, capacity)
     rows = [row for row, _ in itertools.islice(pack_rows(pieces, capacity, bos), wanted)]
     if not rows:
         return np.empty((0, capacity), dtype=np.int64)

@@ -145,7 +145,9 @@ def packed_rows(tokenizer, T, split, one_pass=False):
     docs = shuffled_epochs(_row_group_loaders(split), seed=TRAIN_SEED, shuffle=split == "train")
     if one_pass:
         docs = itertools.takewhile(lambda doc: doc[1] == 1, docs)
-    pieces = document_pieces(docs, lambda texts: tokenizer.encode(texts), bos, capacity)
+    # one paragraph at a time: encode_ordinary_batch hands each paragraph to a thread pool, and the
+    # hand-offs cost more than the encoding (3.0 vs 1.2 ms per 16 x 256 batch on 2 cores)
+    pieces = document_pieces(docs, lambda texts: [tokenizer.enc.encode_ordinary(t) for t in texts], bos, capacity)
     return pack_rows(pieces, capacity, bos)
 
 
