@@ -257,7 +257,7 @@ def main() -> None:
     sys.path.insert(0, str(SRC))
     import torch
 
-    from autoresearch.devices import measure_matmul_flops, peak_flops, processor_name
+    from autoresearch.devices import CPU_PEAK_SHAPES, measure_matmul_flops, peak_flops, processor_name
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-cpu-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,7 @@ def main() -> None:
     device = torch.device("cpu")
     peak = peak_flops(device, refresh=True, seconds=1.0, tries=5)  # cached: train.py's MFU uses it
     print(f"{processor_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
-          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 5), fp32 "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 5 rounds of {len(CPU_PEAK_SHAPES)} shapes), fp32 "
           f"{peak_flops(device, torch.float32, refresh=True) / 1e9:.0f} GFLOP/s")
 
     results: dict[tuple[str, float], list[dict[str, float]]] = {}

@@ -83,6 +83,29 @@ def test_measure_matmul_flops_is_positive_and_quick():
     assert 1e8 < flops < 1e14
 
 
+def test_cpu_peak_is_the_best_of_several_shapes(monkeypatch):
+    """No one shape reaches a CPU's ceiling, so the peak is the fastest of a few; a given size
+    measures that square alone."""
+    seen = []
+
+    def fake_rate(device, dtype, shape, max_seconds, max_reps):
+        seen.append(shape)
+        return {devices.CPU_PEAK_SHAPES[-1]: 9e11}.get(shape, 8e11)
+
+    monkeypatch.setattr(devices, "_best_rate", fake_rate)
+    cpu = torch.device("cpu")
+    assert devices.measure_matmul_flops(cpu) == 9e11
+    assert seen == list(devices.CPU_PEAK_SHAPES) and len(seen) > 1
+    seen.clear()
+    assert devices.measure_matmul_flops(cpu, size=512) == 8e11
+    assert seen == [(512, 512, 512)]
+
+
+def test_best_rate_times_a_real_rectangular_matmul():
+    flops = devices._best_rate(torch.device("cpu"), torch.float32, (64, 32, 128), max_seconds=0.05, max_reps=4)
+    assert 1e7 < flops < 1e14
+
+
 def test_peak_flops_is_measured_once_then_cached(monkeypatch):
     calls = []
 

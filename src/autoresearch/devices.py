@@ -5,8 +5,8 @@ $AUTORESEARCH_DEVICE) forces one and fails loudly when that device is missing.
 
 `peak_flops` is the denominator of the model FLOPs utilisation (MFU) that train.py prints. For
 NVIDIA GPUs it comes from the vendor's dense bf16 tensor-core figure; for anything else (CPUs, Apple
-GPUs, GPUs missing from the table) it is measured with a large matmul and cached per machine, so the
-measurement costs start-up time once.
+GPUs, GPUs missing from the table) it is measured with large matmuls (on CPUs the best of a few
+shapes) and cached per machine, so the measurement costs start-up time once.
 """
 
 from __future__ import annotations
@@ -136,6 +136,13 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+# (m, k, n) shapes whose best rate is the CPU's peak. No single shape reaches the ceiling: on 2
+# Zen 5 cores a 2048^3 bf16 matmul ran at 918-959 GFLOP/s, 1024^3 at 946-993, and 4096x256 @
+# 256x1024 (a small transformer's MLP) at 1009-1030, the chip's 2 x 128 FLOP/cycle at ~4 GHz.
+# Taking the square one alone would let a model's MFU pass 100%.
+CPU_PEAK_SHAPES = ((2048, 2048, 2048), (1024, 1024, 1024), (4096, 256, 1024))
+
+
 def measure_matmul_flops(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
@@ -143,16 +150,27 @@ def measure_matmul_flops(
     max_seconds: float = 0.5,
     max_reps: int = 8,
 ) -> float:
-    """Best FLOP/s of a square `size` x `size` matmul, over up to `max_reps` timed repeats.
+    """Best FLOP/s of dense matmuls, over up to `max_reps` timed repeats per shape: a `size`-square
+    one if given, else an 8192-square one on CUDA, 4096 on MPS and CPU_PEAK_SHAPES on the CPU.
 
     The best repeat, not the mean: the aim is the machine's ceiling, and on a shared machine other
-    processes only ever make a repeat slower. On 2 Zen 5 cores a 2048 bf16 matmul takes ~21 ms
-    (~810 GFLOP/s) and the fp32 one ~92 ms (~190 GFLOP/s), so the default budget fits in 0.5 s.
+    processes only ever make a repeat slower. On 2 Zen 5 cores the CPU shapes take ~0.3 s in bf16
+    and ~1.2 s in fp32 (~210 GFLOP/s); `max_seconds` is shared among the shapes.
     """
-    if size is None:
-        size = {"cuda": 8192, "mps": 4096}.get(device.type, 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    if size is not None:
+        shapes = ((size, size, size),)
+    elif device.type == "cpu":
+        shapes = CPU_PEAK_SHAPES
+    else:
+        shapes = (({"cuda": 8192}.get(device.type, 4096),) * 3,)
+    return max(_best_rate(device, dtype, shape, max_seconds / len(shapes), max_reps) for shape in shapes)
+
+
+def _best_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], max_seconds: float,
+               max_reps: int) -> float:
+    m, k, n = shape
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     (a @ b)  # warm-up: the first call pays for kernel selection and page faults
     _synchronize(device)
     best = float("inf")
@@ -164,7 +182,7 @@ def measure_matmul_flops(
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds:
             break
-    return 2.0 * size**3 / best
+    return 2.0 * m * k * n / best
 
 
 def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
@@ -173,7 +191,8 @@ def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
     else:
         name = processor_name()
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return f"{device.type}|{name}|torch {torch.__version__}|threads {threads}|{dtype}"
+    # "peak 2": the CPU figure became the best of CPU_PEAK_SHAPES; older figures are measured again
+    return f"peak 2|{device.type}|{name}|torch {torch.__version__}|threads {threads}|{dtype}"
 
 
 def _cache_path() -> Path:
