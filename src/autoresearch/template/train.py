@@ -483,7 +483,8 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "adamw":
                 for p in params:
                     if not self.state[p]:
-                        self.state[p].update(step=torch.zeros((), device=p.device), m=torch.zeros_like(p), v=torch.zeros_like(p))
+                        self.state[p].update(step=torch.zeros((), device=p.device), m=torch.zeros_like(p),
+                                             v=torch.zeros_like(p))
                 state = {key: [self.state[p][key] for p in params] for key in ("step", "m", "v")}
                 adamw_step(params, state, group["lr"], group["betas"], group["eps"], group["weight_decay"])
                 continue
