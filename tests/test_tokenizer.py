@@ -11,6 +11,7 @@ import torch
 from data_fixtures import make_texts
 
 from autoresearch.data import BOS_TOKEN, SPECIAL_TOKENS, load_encoding, load_token_bytes, token_byte_lengths
+from autoresearch.data.packing import encode_each
 from autoresearch.data.tokenizer import MIN_VOCAB_SIZE, _capped, build_encoding, train_tokenizer
 from autoresearch.errors import CacheCorrupt, ConfigError
 
@@ -50,6 +51,13 @@ def test_token_bytes_are_exact(mixed_dir: Path) -> None:
     assert partial, "expected at least one token holding part of a multi-byte character"
     assert all("\ufffd" in enc.decode([i]) for i in partial)
     assert sum(naive[i] for i in ids) > exact
+
+
+def test_encode_each_gives_the_batch_encoders_tokens(mixed_dir: Path) -> None:
+    """The loader encodes paragraphs one by one (faster): the rows must not change by it."""
+    enc = load_encoding(mixed_dir)
+    texts = [*MIXED, "", "\n\n", MIXED[0] * 3]
+    assert encode_each(enc.encode_ordinary)(texts) == enc.encode_ordinary_batch(texts)
 
 
 def test_token_bytes_file(mixed_dir: Path) -> None:

@@ -19,7 +19,7 @@ import tiktoken
 
 from ..errors import CacheCorrupt
 from .manifest import REPAIR_HINT
-from .packing import document_pieces, pack_rows, shuffled_epochs
+from .packing import document_pieces, encode_each, pack_rows, shuffled_epochs
 from .tokenizer import BOS_TOKEN
 
 
@@ -50,7 +50,7 @@ def eval_rows(enc: tiktoken.Encoding, files: Sequence[Path], max_seq_len: int, e
     bos = enc.encode_single_token(BOS_TOKEN)
     docs = shuffled_epochs(row_group_loaders(files), seed=0, shuffle=False)
     first_pass = itertools.takewhile(lambda doc: doc[1] == 1, docs)
-    pieces = document_pieces(first_pass, lambda texts: [enc.encode_ordinary(t) for t in texts], bos, capacity)
+    pieces = document_pieces(first_pass, encode_each(enc.encode_ordinary), bos, capacity)
     rows = [row for row, _ in itertools.islice(pack_rows(pieces, capacity, bos), wanted)]
     if not rows:
         return np.empty((0, capacity), dtype=np.int64)

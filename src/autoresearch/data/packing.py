@@ -20,6 +20,13 @@ import numpy as np
 Encode = Callable[[list[str]], list[list[int]]]
 
 
+def encode_each(encode_one: Callable[[str], list[int]]) -> Encode:
+    """An Encode that calls `encode_one` on each text in turn. For tiktoken, preferred over
+    encode_ordinary_batch: that one hands every text to a thread pool, and for paragraphs the
+    hand-offs cost more than the encoding (3.0 vs 1.2 ms per 16 x 256 batch of rows on 2 cores)."""
+    return lambda texts: [encode_one(t) for t in texts]
+
+
 def split_paragraphs(text: str) -> list[str]:
     """Cut text after each blank line; the pieces concatenate back to the text exactly."""
     parts: list[str] = []
