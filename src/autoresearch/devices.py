@@ -162,7 +162,8 @@ def measure_matmul_flops(
     elif device.type == "cpu":
         shapes = CPU_PEAK_SHAPES
     else:
-        shapes = (({"cuda": 8192}.get(device.type, 4096),) * 3,)
+        side = 8192 if device.type == "cuda" else 4096
+        shapes = ((side, side, side),)
     return max(_best_rate(device, dtype, shape, max_seconds / len(shapes), max_reps) for shape in shapes)
 
 
