@@ -6,18 +6,21 @@ neighbour slows them alike, and prints min / median / max of tokens/s, start-up 
 MFU and steps.
 
 Configurations:
-  cpu        the lab's train.py exactly as `autoresearch init --preset cpu` writes it
+  cpu        the lab's train.py exactly as `autoresearch init --preset cpu --budget B` writes it for
+             each budget B (the preset picks a larger model and batch for longer budgets)
   reference  the original autoresearch's model and optimizer shrunk by its README's advice for
              small machines: DEPTH 4, WINDOW_PATTERN "L", TOTAL_BATCH_SIZE 2**14, in a lab with
              MAX_SEQ_LEN 256 and a 4096-token vocabulary (every other constant as in the template)
 
-The MFU of every run is relative to this CPU's bf16 matmul peak measured at the start of the
-benchmark (it refreshes the cached figure that train.py reads).
+MFU: this CPU's bf16 matmul peak drifts on a shared machine (875-1069 GFLOP/s within one hour on
+a 2-core VM), so it is measured again before every run and once after the last. Each run's MFU is
+its model FLOP/s over the mean of the peaks measured just before and just after it, and the peak
+measured before a run is the cached figure that train.py's own mfu_percent uses.
 
 Usage:
     python bench/bench_train_cpu.py                           # 60 s and 300 s, 3 runs each: ~35 min
     python bench/bench_train_cpu.py --budgets 60 --runs 1     # ~3 min
-    python bench/bench_train_cpu.py --lab /tmp/mylab          # reuse a prepared sotu lab for `cpu`
+    python bench/bench_train_cpu.py --lab /tmp/mylab          # a prepared sotu lab's train.py as `cpu`
     python bench/bench_train_cpu.py --set cpu:DEPTH=6 --set reference:MATRIX_LR=0.03
     python bench/bench_train_cpu.py --breakdown               # also: where a step's time goes
 """
@@ -57,9 +60,11 @@ def cli(*args: str, cwd: Path) -> None:
         sys.exit(f"autoresearch {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
-def make_lab(path: Path, task: dict[str, int] | None = None) -> Path:
-    """A prepared sotu lab made with the CLI (preset cpu), its [task] values optionally replaced."""
-    cli("init", str(path), "--dataset", "sotu", "--preset", "cpu", cwd=path.parent)
+def make_lab(path: Path, task: dict[str, int] | None = None, budget: float | None = None) -> Path:
+    """A prepared sotu lab made with the CLI (preset cpu, optionally for a budget), its [task] values
+    optionally replaced."""
+    cli("init", str(path), "--dataset", "sotu", "--preset", "cpu",
+        *(["--budget", f"{budget:g}"] if budget else []), cwd=path.parent)
     if task:
         toml = path / "autoresearch.toml"
         text = toml.read_text()
@@ -133,8 +138,19 @@ def run_train(lab: Path, script: str, budget: float) -> dict[str, float]:
     startup = float(re.search(r"^startup: ([\d.]+)s", out, flags=re.M).group(1))
     result["startup_seconds"] = startup + (wall - result["total_seconds"])  # plus interpreter start
     result["wall_seconds"] = wall
-    result["tokens_per_s"] = result["total_tokens_M"] * 1e6 / result["training_seconds"]
+    batch = int(re.search(r"^batch: (\d+) tokens", out, flags=re.M).group(1))  # total_tokens_M is rounded
+    result["tokens_per_s"] = result["num_steps"] * batch / result["training_seconds"]
     return result
+
+
+def report_run(config: str, budget: float, run: int, result: dict[str, float], before: float,
+               after: float) -> None:
+    """Print one run, its MFU made relative to the mean of the peaks measured around it."""
+    result["mfu_percent"] *= before / ((before + after) / 2)  # train.py divided by `before`
+    print(f"  {config:9s} budget {budget:g}s run {run + 1}: val_bpb {result['val_bpb']:.4f}, "
+          f"{result['tokens_per_s']:.0f} tok/s, MFU {result['mfu_percent']:.1f}% (peak {before / 1e9:.0f}"
+          f" before, {after / 1e9:.0f} after), {result['num_steps']:.0f} steps, "
+          f"startup {result['startup_seconds']:.1f}s", flush=True)
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -224,7 +240,7 @@ def breakdown(lab: Path, script: str, rounds: int = 6) -> None:
             times[part].append(time.perf_counter() - t0)
     full = min(times["full"])
     flops = variants["full"][0].estimate_flops() * B * T
-    print(f"\nwhere one forward+backward+optimizer step of {B}x{T} tokens goes ({script}, best of {rounds}):")
+    print(f"\nwhere one forward+backward+optimizer step of {B}x{T} tokens goes ({lab.name}/{script}, best of {rounds}):")
     print(f"  full step             {full * 1e3:7.0f} ms  ({flops / full / 1e9:.0f} GFLOP/s)")
     accounted = 0.0
     for part in list(variants)[1:]:
@@ -243,7 +259,9 @@ def breakdown(lab: Path, script: str, rounds: int = 6) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lab", type=Path, help="a prepared sotu lab for the `cpu` config (default: make one)")
+    parser.add_argument("--lab", type=Path,
+                        help="a prepared sotu lab whose train.py is the `cpu` config at every budget "
+                             "(default: one lab per budget, made with init --budget)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[60, 300], help="training seconds")
     parser.add_argument("--runs", type=int, default=3, help="runs per configuration and budget")
     parser.add_argument("--configs", nargs="+", default=["cpu", "reference"], choices=["cpu", "reference"])
@@ -257,47 +275,62 @@ def main() -> None:
     sys.path.insert(0, str(SRC))
     import torch
 
-    from autoresearch.devices import CPU_PEAK_SHAPES, measure_matmul_flops, peak_flops, processor_name
+    from autoresearch.devices import CPU_PEAK_SHAPES, peak_flops, processor_name
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-cpu-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t_setup = time.time()
-    cpu_lab = args.lab.resolve() if args.lab else make_lab(workdir / "cpu")
-    ref_lab = cpu_lab
-    if "reference" in args.configs and task_values(cpu_lab) != REFERENCE_TASK:
+    if args.lab:
+        cpu_labs = dict.fromkeys(args.budgets, args.lab.resolve())
+    else:
+        cpu_labs = {budget: make_lab(workdir / f"cpu-{budget:g}s", budget=budget) for budget in args.budgets}
+    ref_lab = next(iter(cpu_labs.values()))
+    if "reference" in args.configs and task_values(ref_lab) != REFERENCE_TASK:
         ref_lab = make_lab(workdir / "reference", REFERENCE_TASK)
-    scripts = {}
-    if "cpu" in args.configs:
-        source = (cpu_lab / "train.py").read_text()
-        (cpu_lab / "bench_cpu.py").write_text(set_constants(source, overrides["cpu"]))
-        scripts["cpu"] = (cpu_lab, "bench_cpu.py")
-    if "reference" in args.configs:
-        source = set_constants(TEMPLATE_TRAIN.read_text(), {**REFERENCE, **overrides["reference"]})
-        (ref_lab / "bench_reference.py").write_text(source)
-        scripts["reference"] = (ref_lab, "bench_reference.py")
-    print(f"labs ready in {time.time() - t_setup:.0f}s: cpu {cpu_lab}, reference {ref_lab}")
+    scripts: dict[tuple[str, float], tuple[Path, str]] = {}  # (config, budget) -> (lab, script)
+    for budget in args.budgets:
+        if "cpu" in args.configs:
+            lab = cpu_labs[budget]
+            (lab / "bench_cpu.py").write_text(set_constants((lab / "train.py").read_text(), overrides["cpu"]))
+            scripts["cpu", budget] = (lab, "bench_cpu.py")
+        if "reference" in args.configs:
+            source = set_constants(TEMPLATE_TRAIN.read_text(), {**REFERENCE, **overrides["reference"]})
+            (ref_lab / "bench_reference.py").write_text(source)
+            scripts["reference", budget] = (ref_lab, "bench_reference.py")
+    print(f"labs ready in {time.time() - t_setup:.0f}s: cpu {', '.join(sorted({str(p) for p in cpu_labs.values()}))}, "
+          f"reference {ref_lab}")
 
     device = torch.device("cpu")
-    peak = peak_flops(device, refresh=True, seconds=1.0, tries=5)  # cached: train.py's MFU uses it
+
+    def measure_peak() -> float:  # refreshes the cached figure that train.py's MFU uses
+        return peak_flops(device, refresh=True, seconds=1.0, tries=3)
+
+    peak = measure_peak()
     print(f"{processor_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}: "
-          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 5 rounds of {len(CPU_PEAK_SHAPES)} shapes), fp32 "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 3 rounds of {len(CPU_PEAK_SHAPES)} shapes), fp32 "
           f"{peak_flops(device, torch.float32, refresh=True) / 1e9:.0f} GFLOP/s")
 
     results: dict[tuple[str, float], list[dict[str, float]]] = {}
+    peaks = [peak]
+    pending: list[tuple[str, float, int, dict[str, float]]] = []  # runs waiting for the peak after them
     for budget in args.budgets:
         for run in range(args.runs):
-            for config, (lab, script) in scripts.items():
+            for config in args.configs:
+                lab, script = scripts[config, budget]
+                if pending:
+                    peaks.append(measure_peak())
+                    report_run(*pending.pop(), peaks[-2], peaks[-1])
                 result = run_train(lab, script, budget)
                 results.setdefault((config, budget), []).append(result)
-                print(f"  {config:9s} budget {budget:g}s run {run + 1}: val_bpb {result['val_bpb']:.4f}, "
-                      f"{result['tokens_per_s']:.0f} tok/s, MFU {result['mfu_percent']:.1f}%, "
-                      f"{result['num_steps']:.0f} steps, startup {result['startup_seconds']:.1f}s", flush=True)
+                pending.append((config, budget, run, result))
+    peaks.append(measure_peak())
+    report_run(*pending.pop(), peaks[-2], peaks[-1])
     print()
     print_table(results)
-    end = measure_matmul_flops(device, max_seconds=1.0, max_reps=16)
-    print(f"\nbf16 peak at the end: {end / 1e9:.0f} GFLOP/s (the MFU column uses the one at the start)")
+    print(f"\nbf16 peak, measured before every run and after the last: {spread([p / 1e9 for p in peaks], '.0f')}"
+          f" GFLOP/s (min/median/max of {len(peaks)}); each run's MFU is against the mean of the two around it")
     if args.breakdown:
-        for config, (lab, script) in scripts.items():
+        for lab, script in dict.fromkeys(scripts.values()):
             breakdown(lab, script)
 
 

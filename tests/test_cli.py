@@ -48,6 +48,35 @@ def test_init_makes_a_committed_lab(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "Next: cd" in capsys.readouterr().out
 
 
+def test_cpu_preset_sizes_train_py_for_the_budget(tmp_path: Path) -> None:
+    from autoresearch.constants import find_constants
+    from autoresearch.presets import get_preset
+
+    cpu = get_preset("cpu")
+    (threshold, longer), = cpu.longer
+    assert cpu.budget < threshold  # the default budget gets the base values
+    for budget, expected in ((cpu.budget, cpu.train), (threshold, {**cpu.train, **longer}),
+                             (3 * threshold, {**cpu.train, **longer})):
+        lab = tmp_path / f"lab{budget:g}"
+        assert main(["init", str(lab), "--preset", "cpu", "--budget", f"{budget:g}"]) == 0
+        found = find_constants((lab / "train.py").read_text())
+        assert {name: found[name].value for name in expected} == expected, budget
+    assert longer["DEPTH"] > cpu.train["DEPTH"]  # a longer run affords a deeper model
+
+
+def test_train_for_applies_longer_entries_in_budget_order() -> None:
+    from autoresearch.presets import Preset
+
+    preset = Preset(name="p", device="cpu", budget=10, max_seq_len=8, vocab_size=16, eval_tokens=64,
+                    train={"DEPTH": 1, "HEAD_DIM": 8},
+                    longer=((100, {"DEPTH": 3}), (50, {"DEPTH": 2, "HEAD_DIM": 16})))
+    assert preset.train_for(10) == {"DEPTH": 1, "HEAD_DIM": 8}
+    assert preset.train_for(50) == {"DEPTH": 2, "HEAD_DIM": 16}
+    assert preset.train_for(99.9) == {"DEPTH": 2, "HEAD_DIM": 16}
+    assert preset.train_for(100) == {"DEPTH": 3, "HEAD_DIM": 16}
+    assert preset.train == {"DEPTH": 1, "HEAD_DIM": 8}  # not changed in place
+
+
 def test_init_inside_another_repo_gets_its_own(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     assert main(["init", str(tmp_path / "lab"), "--preset", "tiny"]) == 0

@@ -29,7 +29,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     command to run, the editable files, and how to read the metric.
 
     The preset sizes the model and the task for a device (auto picks CUDA, then Apple MPS, then
-    CPU). The budget defaults to the preset's: 300 s on a GPU, 120 s on a CPU, 5 s for `tiny`.
+    CPU). The budget defaults to the preset's: 300 s on a GPU, 120 s on a CPU, 5 s for `tiny`; on
+    the cpu preset a budget of 200 s or more starts from a larger model and batch.
     """
     if args.target is not None:
         from .lab import init_target

@@ -72,16 +72,18 @@ def init_lab(path: Path, dataset: str = "sotu", preset: str = "auto", budget: fl
         from .errors import ConfigError
 
         raise ConfigError(f"--budget must be positive seconds, not {budget:g}")
+    if budget is None:
+        budget = chosen.budget
     task = TaskConfig(dataset=dataset, preset=chosen.name, max_seq_len=chosen.max_seq_len,
                       vocab_size=chosen.vocab_size, eval_tokens=chosen.eval_tokens)
     path.mkdir(parents=True, exist_ok=True)
     for source, target in TEMPLATE_FILES.items():
         text = template_text(source)
         if source == "train.py":
-            text = constants.set_constants(text, dict(chosen.train))
+            text = constants.set_constants(text, chosen.train_for(budget))
         (path / target).write_text(text, encoding="utf-8")
     (path / CONFIG_NAME).write_text(render_config(
-        name=path.name, run="python train.py", budget=budget if budget is not None else chosen.budget,
+        name=path.name, run="python train.py", budget=budget,
         editable=["train.py"], frozen=["prepare.py", CONFIG_NAME], metric=MetricConfig(), task=task,
     ), encoding="utf-8")
     git = Git(path)
