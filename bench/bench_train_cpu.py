@@ -288,15 +288,14 @@ def main() -> None:
     if "reference" in args.configs and task_values(ref_lab) != REFERENCE_TASK:
         ref_lab = make_lab(workdir / "reference", REFERENCE_TASK)
     scripts: dict[tuple[str, float], tuple[Path, str]] = {}  # (config, budget) -> (lab, script)
-    for budget in args.budgets:
-        if "cpu" in args.configs:
-            lab = cpu_labs[budget]
+    if "cpu" in args.configs:
+        for lab in set(cpu_labs.values()):
             (lab / "bench_cpu.py").write_text(set_constants((lab / "train.py").read_text(), overrides["cpu"]))
-            scripts["cpu", budget] = (lab, "bench_cpu.py")
-        if "reference" in args.configs:
-            source = set_constants(TEMPLATE_TRAIN.read_text(), {**REFERENCE, **overrides["reference"]})
-            (ref_lab / "bench_reference.py").write_text(source)
-            scripts["reference", budget] = (ref_lab, "bench_reference.py")
+        scripts.update({("cpu", budget): (lab, "bench_cpu.py") for budget, lab in cpu_labs.items()})
+    if "reference" in args.configs:
+        source = set_constants(TEMPLATE_TRAIN.read_text(), {**REFERENCE, **overrides["reference"]})
+        (ref_lab / "bench_reference.py").write_text(source)
+        scripts.update({("reference", budget): (ref_lab, "bench_reference.py") for budget in args.budgets})
     print(f"labs ready in {time.time() - t_setup:.0f}s: cpu {', '.join(sorted({str(p) for p in cpu_labs.values()}))}, "
           f"reference {ref_lab}")
 
@@ -311,20 +310,15 @@ def main() -> None:
           f"{peak_flops(device, torch.float32, refresh=True) / 1e9:.0f} GFLOP/s")
 
     results: dict[tuple[str, float], list[dict[str, float]]] = {}
-    peaks = [peak]
-    pending: list[tuple[str, float, int, dict[str, float]]] = []  # runs waiting for the peak after them
+    peaks = [peak]  # the peak after one run is the peak before the next
     for budget in args.budgets:
         for run in range(args.runs):
             for config in args.configs:
                 lab, script = scripts[config, budget]
-                if pending:
-                    peaks.append(measure_peak())
-                    report_run(*pending.pop(), peaks[-2], peaks[-1])
                 result = run_train(lab, script, budget)
+                peaks.append(measure_peak())
+                report_run(config, budget, run, result, peaks[-2], peaks[-1])
                 results.setdefault((config, budget), []).append(result)
-                pending.append((config, budget, run, result))
-    peaks.append(measure_peak())
-    report_run(*pending.pop(), peaks[-2], peaks[-1])
     print()
     print_table(results)
     print(f"\nbf16 peak, measured before every run and after the last: {spread([p / 1e9 for p in peaks], '.0f')}"
