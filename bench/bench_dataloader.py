@@ -1,10 +1,18 @@
 """Dataloader throughput against training throughput (not a test: prints figures).
 
-    python bench/bench_dataloader.py [--preset cpu] [--batches 200]
+    python bench/bench_dataloader.py [--preset cpu] [--batches 200] [--producers 1,2]
+    python bench/bench_dataloader.py --preset cuda   # B=128 x T=2048, vocab 8192 (init needs no GPU)
 
-Makes (or reuses) a sotu lab in a temporary directory, then times make_dataloader alone. Compare
-with the tokens/s that `python train.py` prints for the same preset: the loader must be at least
-10x faster so it is never the bottleneck.
+Makes a sotu lab in a temporary directory (the data and tokenizer go to, or come from, the cache), then times make_dataloader alone, for each number of
+producers (tokenizing threads):
+
+- throughput: batches taken back to back, tokens/s. Compare with the tokens/s that `python
+  train.py` prints for the same preset (an H100 trains the cuda preset at ~1.7 M tokens/s): the
+  loader must be faster, or the GPU waits for it;
+- stall: a consumer that sleeps 1.5x the time a batch takes to make (a GPU step that is slower
+  than the loader, as it must be), and the time it then spends inside next(), mean and max. The
+  batches are made on a background thread while the consumer sleeps, so this should be ~0 (before,
+  every next() cost the whole time of making a batch).
 """
 
 from __future__ import annotations
@@ -18,13 +26,55 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+SCRIPT = """
+import os, time
+from prepare import MAX_SEQ_LEN, VOCAB_SIZE, Tokenizer, make_dataloader
+B, batches, slow_batches = {batch_size}, {batches}, {slow_batches}
+tok = Tokenizer.from_directory()
+tokens = B * MAX_SEQ_LEN
+print(f"preset {preset!r}: B={{B}} T={{MAX_SEQ_LEN}} vocab {{VOCAB_SIZE}}, {{len(os.sched_getaffinity(0))}} cores")
+for producers in {producers}:
+    loader = make_dataloader(tok, B, MAX_SEQ_LEN, "train", device="cpu", producers=producers)
+    t0 = time.perf_counter()
+    next(loader)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    epochs = set()
+    for _ in range(batches):
+        x, y, epoch = next(loader)
+        epochs.add(epoch)
+    per_batch = (time.perf_counter() - t0) / batches
+    loader.close()
+    print(f"  producers {{producers}}: first batch {{first*1000:.0f}} ms, {{tokens/per_batch/1e6:.2f}} M tokens/s "
+          f"back to back ({{per_batch*1000:.1f}} ms a batch, {{batches}} batches, epochs {{sorted(epochs)}})")
+    # the consumer "trains" 1.5x as long as a batch takes to make, then asks for the next one
+    step = 1.5 * per_batch
+    loader = make_dataloader(tok, B, MAX_SEQ_LEN, "train", device="cpu", producers=producers)
+    next(loader)
+    waits = []
+    for _ in range(slow_batches):
+        time.sleep(step)
+        t0 = time.perf_counter()
+        next(loader)
+        waits.append(time.perf_counter() - t0)
+    loader.close()
+    print(f"  producers {{producers}}: consumer step {{step*1000:.1f}} ms: next() waited "
+          f"mean {{sum(waits)/len(waits)*1000:.2f}} ms, max {{max(waits)*1000:.2f}} ms over {{slow_batches}} batches")
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=None, help="default: 200 (cpu), 40 (cuda)")
+    parser.add_argument("--slow-batches", type=int, default=30, help="batches taken by the slow consumer")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 32, or 128 for the cuda preset")
+    parser.add_argument("--producers", default="1,2", help="comma-separated numbers of tokenizing threads")
     args = parser.parse_args()
+    big = args.preset == "cuda"
+    batch_size = args.batch_size or (128 if big else 32)
+    batches = args.batches or (40 if big else 200)
+    producers = [int(p) for p in args.producers.split(",")]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     with tempfile.TemporaryDirectory() as tmp:
         lab = Path(tmp) / "lab"
@@ -32,24 +82,8 @@ def main() -> None:
                        check=True, env=env, stdout=subprocess.DEVNULL)
         subprocess.run([sys.executable, "-m", "autoresearch", "prepare"], cwd=lab, check=True, env=env,
                        stdout=subprocess.DEVNULL)
-        script = f"""
-import time
-from prepare import MAX_SEQ_LEN, Tokenizer, make_dataloader
-tok = Tokenizer.from_directory()
-t0 = time.perf_counter()
-loader = make_dataloader(tok, {args.batch_size}, MAX_SEQ_LEN, "train", device="cpu")
-next(loader)
-first = time.perf_counter() - t0
-t0 = time.perf_counter()
-epochs = set()
-for _ in range({args.batches}):
-    x, y, epoch = next(loader)
-    epochs.add(epoch)
-dt = time.perf_counter() - t0
-tokens = {args.batches} * {args.batch_size} * MAX_SEQ_LEN
-print(f"preset {args.preset}: T={{MAX_SEQ_LEN}} B={args.batch_size}: first batch {{first*1000:.0f}} ms, "
-      f"{{tokens/dt/1e3:.0f}}k tokens/s over {args.batches} batches (epochs seen: {{sorted(epochs)}})")
-"""
+        script = SCRIPT.format(preset=args.preset, batch_size=batch_size, batches=batches,
+                               slow_batches=args.slow_batches, producers=producers)
         subprocess.run([sys.executable, "-c", script], cwd=lab, check=True, env=env)
 
 

@@ -110,7 +110,8 @@ def test_wrong_key_pauses_instead_of_failing(tmp_path: Path, monkeypatch: pytest
     toml.write_text(toml.read_text().replace("[agent]\n", "[agent]\npause_seconds = 0.2\nmax_pause_seconds = 0.4\n"))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "short pauses")
     with FakeLLM(script=[Reply("unused")], key=KEY) as server:
-        loop = loop_with(repo, "openai:fake", server, hours=3 / 3600)
+        # 5 s for ~12 tries at pauses of 0.4 s; the baseline, seconds on a loaded machine, counts too
+        loop = loop_with(repo, "openai:fake", server, hours=5 / 3600)
         tries = len([r for r in server.requests if r.path.endswith("/chat/completions")])
     assert loop.stop_reason.startswith("reached --hours")
     assert [e.status for e in experiments(repo, "llm")] == ["keep"]  # nothing recorded for the failed proposals

@@ -104,3 +104,13 @@ def test_shuffled_epochs_are_deterministic_and_complete() -> None:
     assert [d for d, _ in epoch2] != [d for d, _ in epoch1]  # a new order every epoch
     ordered = shuffled_epochs(units, seed=1, shuffle=False)
     assert [next(ordered)[0] for _ in range(6)] == [f"doc0-{j}" for j in range(5)] + ["doc1-0"]
+
+
+def test_pieces_do_not_depend_on_the_number_of_workers() -> None:
+    """Tokenizing on threads changes when batches of documents are encoded, never what comes out."""
+    docs = [(d, 1 + i // 150) for i, d in enumerate(make_docs(300, seed=5))]
+    expected = list(document_pieces(docs, encode, BOS, capacity=33, batch_docs=7))
+    assert len(expected) > 300
+    for workers in (2, 3, 8):
+        got = list(document_pieces(docs, encode, BOS, capacity=33, batch_docs=7, workers=workers))
+        assert [(p.tolist(), e) for p, e in got] == [(p.tolist(), e) for p, e in expected], f"workers={workers}"

@@ -42,6 +42,7 @@ def _stub_prepare() -> types.ModuleType:
     mod.get_token_bytes = record("get_token_bytes")
     mod.detect_device = record("detect_device")
     mod.peak_flops = record("peak_flops")
+    mod.load_flash_attention = record("load_flash_attention")
     return mod
 
 

@@ -58,7 +58,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Download or build the lab's dataset and train its tokenizer (idempotent, resumable).
 
     Everything goes to the cache (~/.cache/autoresearch, or $AUTORESEARCH_CACHE), one folder per
-    dataset; a re-run verifies every shard against the manifest and repairs what is damaged.
+    dataset; a re-run verifies every shard against the manifest and repairs what is damaged. A lab
+    made for CUDA also gets FlashAttention-3 for this GPU (needs the `cuda` extra), which runs load
+    offline; without it they use SDPA, and prepare still succeeds.
     """
     from .data import prepare_dataset
 
@@ -69,6 +71,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     prepared = prepare_dataset(task.dataset, task.vocab_size, num_shards=args.num_shards,
                                workers=args.workers, log=lambda line: print(line, flush=True))
     print(f"Ready: {task.dataset} in {prepared.dir} (vocabulary {task.vocab_size})")
+    preset = PRESETS.get(task.preset)
+    if preset is not None and preset.device == "cuda":
+        from .attention_kernels import fetch_flash_attention
+
+        print(fetch_flash_attention(lambda line: print(line, flush=True)), flush=True)
     return 0
 
 
@@ -125,20 +132,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show every experiment: id, commit, metric, change vs the champion, status, seconds, description."""
-    from .report import status_rows
+    from .report import champion, runs_note, status_rows
 
-    _, tag, experiments = _recorded(args)
-    rows = status_rows(experiments)
+    lab, tag, experiments = _recorded(args)
+    rows, best = status_rows(experiments), champion(experiments)
+    metric_name = lab.config.metric.name
     if args.json:
         import json
 
-        print(json.dumps({"tag": tag, "experiments": rows}, indent=2))
+        figure = None if best is None else {"id": best.experiment.id, "commit": best.experiment.short_commit,
+                                            "metric_name": metric_name, "metric": best.metric, "runs": best.runs}
+        print(json.dumps({"tag": tag, "champion": figure, "experiments": rows}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     modes = sorted({r["sandbox"] for r in rows if r["sandbox"]})
-    table = Table(title=f"run {tag}" + (f" (sandbox: {', '.join(modes)})" if modes else ""), header_style="bold")
+    caption = None if best is None else \
+        f"champion {metric_name} {best.describe()} at {best.experiment.short_commit} (#{best.experiment.id})"
+    table = Table(title=f"run {tag}" + (f" (sandbox: {', '.join(modes)})" if modes else ""), header_style="bold",
+                  caption=caption)
     for name in ("id", "commit", "metric", "delta", "test", "status", "seconds", "description"):
         table.add_column(name, justify="right" if name in ("id", "metric", "delta", "test", "seconds") else "left")
     for r in rows:
@@ -147,6 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}",
                       r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else "")
+                      + runs_note(r)
                       + (" (left out: far off the other runs of this commit)" if r["left_out"] else "")
                       + (f" (disturbed: it kept {r['cores']:.1f} cores busy where this run's experiments "
                          f"typically keep {r['disturbed']:.1f}; another job shared the machine)" if r["disturbed"] else ""))

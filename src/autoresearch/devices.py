@@ -1,7 +1,9 @@
 """Which device to train on, and how many FLOP/s it can do at best.
 
 `detect_device` picks CUDA, then Apple MPS, then the CPU; a preference (argument or
-$AUTORESEARCH_DEVICE) forces one and fails loudly when that device is missing.
+$AUTORESEARCH_DEVICE) forces one and fails loudly when that device is missing, saying why (for
+CUDA: a CPU build of torch, CUDA_VISIBLE_DEVICES hiding every GPU, missing driver device nodes, an
+address-space limit). `lab_device` is the device a lab trains and is scored on: its preset's.
 
 `peak_flops` is the denominator of the model FLOPs utilisation (MFU) that train.py prints. For
 NVIDIA GPUs it comes from the vendor's dense bf16 tensor-core figure; for anything else (CPUs, Apple
@@ -11,9 +13,11 @@ shapes) and cached per machine, so the measurement costs start-up time once.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -31,6 +35,7 @@ CACHE_FILE = "peak_flops.json"
 # GeForce cards are listed at their fp32-accumulate rate, the one bf16 training uses.
 CUDA_PEAK_BF16: tuple[tuple[str, float], ...] = (
     ("GH200", 989e12),
+    ("H200 NVL", 835e12),  # the PCIe card: lower clocks and power than the SXM module
     ("H200", 989e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
@@ -97,11 +102,56 @@ def detect_device(
         )
     if not present[kind]:
         found = ", ".join(k for k in DEVICE_TYPES if present[k])
+        why = f" ({cuda_problem()})" if kind == "cuda" and cuda_available is None else ""
         raise DeviceUnavailable(
-            f"device {kind!r} was asked for but this machine does not have it",
-            f"available here: {found}; unset ${DEVICE_ENV} or choose a preset for this machine",
+            f"device {kind!r} was asked for but this process cannot use it{why}",
+            f"available here: {found}; fix the cause, unset ${DEVICE_ENV}, or make a lab for this machine "
+            "(autoresearch init --preset auto)",
         )
     return torch.device(choice)
+
+
+def lab_device(preset_device: str) -> str:
+    """The device type a lab's runs train on and its evaluator scores on: $AUTORESEARCH_DEVICE when
+    set, else the one its preset is sized for. Never a guess: a cuda lab whose run cannot see the
+    GPU must fail, not train a 50 M-parameter model on the CPU until its time runs out."""
+    choice = (os.environ.get(DEVICE_ENV) or "").strip().lower()
+    if choice and choice != "auto":
+        return choice.split(":", 1)[0]
+    return preset_device
+
+
+def cuda_problem(
+    *,
+    torch_cuda: str | None | bool = True,
+    visible: str | None = None,
+    dev: str = "/dev",
+    address_limit: int | None = None,
+) -> str:
+    """Why CUDA is not usable in this process, as a clause that says what to check. The keyword
+    arguments replace what is read from this process (tests walk every branch with them):
+    `torch_cuda` torch.version.cuda, `visible` $CUDA_VISIBLE_DEVICES, `dev` where device nodes
+    live, `address_limit` the soft RLIMIT_AS in bytes (-1: none)."""
+    built = torch.version.cuda if torch_cuda is True else torch_cuda
+    if not built:
+        return f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA build of torch"
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if shown is not None and shown.strip() in ("", "-1", "none", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={shown!r} hides every GPU"
+    if not os.path.exists(os.path.join(dev, "nvidiactl")):
+        return (f"{dev}/nvidiactl is missing: no NVIDIA driver here (check nvidia-smi; "
+                "in a container, start it with the GPUs, e.g. docker run --gpus all)")
+    if not glob.glob(os.path.join(dev, "nvidia[0-9]*")):
+        return f"no GPU device node ({dev}/nvidia0, ...) is visible to this process"
+    if not os.path.exists(os.path.join(dev, "nvidia-uvm")):
+        return (f"{dev}/nvidia-uvm is missing: the driver makes it when a CUDA program first runs "
+                "outside a sandbox (run nvidia-smi -L, or `nvidia-modprobe -u -c=0` as root)")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0] if address_limit is None else address_limit
+    if limit not in (-1, resource.RLIM_INFINITY):
+        return (f"an address-space limit of {limit / 2**30:.1f} GiB (memory_limit_gb, or ulimit -v) "
+                "keeps the CUDA driver from starting: remove it")
+    return "torch.cuda.is_available() is False: check nvidia-smi and that the driver supports this torch's CUDA " \
+           f"{built}"
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,18 @@ import torch
 from .config import SECRET_PATTERNS, load_config
 from .data import load_encoding, load_prepared, load_token_bytes
 from .data.evalrows import eval_rows
+from .devices import detect_device
 from .errors import AutoresearchError, ConfigError
 
 # fp32 logits per forward pass: a pass whose logits fit in the CPU's cache runs ~2x faster per token
 # than one that streams them through memory (cpu preset, 2 cores with 32 MB of L3: 0.48 s per 64
 # rows in passes of 4 rows, 0.9-1.1 s in passes of 8-64 rows)
 PASS_LOGITS_BYTES = 16 << 20
+# On a GPU, passes are sized for its free memory instead (the run still holds its model and optimizer
+# there while it waits): at most this fraction for ~4 copies of a pass's fp32 logits, and at most
+# this many rows (the cuda preset's 10,240 validation rows then take 160 passes of 64 rows)
+GPU_PASS_FRACTION = 0.25
+GPU_PASS_ROWS = 64
 CAUSAL_ROWS = 2  # rows of real tokens the causality check perturbs: 136 rows in all at the cpu preset
 CAUSAL_CUTS = 64  # positions per row whose future it replaces (0 and T-2 always): every position when T <= 65
 # Relative to the largest |logit|. A causal model's earlier logits do not depend on later tokens at
@@ -101,10 +107,12 @@ class EvalResult:
     seconds: float  # load, checks and scoring
     fingerprint: str  # of the split, as pinned in the manifest
     causal: bool = True
+    causal_seconds: float = 0.0  # of `seconds`, the causality check's
 
     def to_json(self) -> dict[str, Any]:
         return {f"{self.split}_bpb": self.bpb, "split": self.split, "tokens": self.tokens, "bytes": self.bytes,
-                "causal": self.causal, "seconds": round(self.seconds, 3), "fingerprint": self.fingerprint}
+                "causal": self.causal, "seconds": round(self.seconds, 3),
+                "causal_seconds": round(self.causal_seconds, 3), "fingerprint": self.fingerprint}
 
 
 @dataclass(frozen=True)
@@ -240,11 +248,36 @@ def load_program(path: Path, device: str) -> torch.nn.Module:
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
+        retarget_autocast(program, torch.device(device).type)
         return program.module()
     except EvaluationRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - a graph that torch cannot load or rebuild, for whatever reason
         raise EvaluationRejected(f"the saved model cannot be loaded: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def retarget_autocast(program: torch.export.ExportedProgram, device_type: str) -> int:
+    """Make every autocast region of the graph name `device_type`; returns how many were changed.
+
+    A model exported on CUDA records `torch.autocast("cuda", bf16)` as a wrap_with_autocast node.
+    move_to_device_pass moves weights and device arguments but not that node, and on another
+    device a "cuda" autocast does nothing: bf16 activations then meet fp32 weights and the graph
+    fails ("expected m1 and m2 to have the same dtype"), or computes in fp32 what was trained in
+    bf16. Retargeted, a CPU re-score of a CUDA model computes what the GPU computed, up to kernels.
+    """
+    changed = 0
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if (node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+                    and node.target.name() == "wrap_with_autocast" and node.args
+                    and isinstance(node.args[0], str) and node.args[0] != device_type):
+                node.args = (device_type, *node.args[1:])
+                changed += 1
+        if changed:
+            module.recompile()
+    return changed
 
 
 def _logits(forward: torch.nn.Module, x: torch.Tensor, n_vocab: int) -> torch.Tensor:
@@ -264,9 +297,17 @@ def _logits(forward: torch.nn.Module, x: torch.Tensor, n_vocab: int) -> torch.Te
     return out.float()
 
 
-def rows_per_pass(T: int, n_vocab: int) -> int:
-    """Rows of T tokens per forward pass: as many as keep the pass's logits within PASS_LOGITS_BYTES."""
-    return max(1, PASS_LOGITS_BYTES // (4 * T * n_vocab))
+def rows_per_pass(T: int, n_vocab: int, device: str = "cpu", free_bytes: int | None = None) -> int:
+    """Rows of T tokens per forward pass. On the CPU: as many as keep the pass's logits within
+    PASS_LOGITS_BYTES. On a GPU: sized for its free memory (`free_bytes`; read from the device when
+    None), so that the few copies of the logits a pass makes (the graph's bf16 and fp32 ones, the
+    log-softmax) take at most GPU_PASS_FRACTION of it, and never more than GPU_PASS_ROWS."""
+    row = 4 * T * n_vocab  # fp32 logits of one row: 64 MB at the cuda preset's T = 2048, V = 8192
+    if torch.device(device).type != "cuda":
+        return max(1, PASS_LOGITS_BYTES // row)
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+    return max(1, min(GPU_PASS_ROWS, int(free_bytes * GPU_PASS_FRACTION) // (4 * row)))
 
 
 def check_causal(forward: torch.nn.Module, rows: torch.Tensor, n_vocab: int, seed: int) -> None:
@@ -282,7 +323,7 @@ def check_causal(forward: torch.nn.Module, rows: torch.Tensor, n_vocab: int, see
     inner = torch.randperm(T - 3, generator=generator)[: max(0, CAUSAL_CUTS - 2)] + 1 if T > 3 else torch.empty(0)
     cuts = sorted({0, max(0, T - 2), *(int(t) for t in inner)})
     # every pass has the same shape as the reference, so the same kernels run on the same sizes
-    per_pass = min(len(cuts), max(1, rows_per_pass(T, n_vocab) // n))
+    per_pass = min(len(cuts), max(1, rows_per_pass(T, n_vocab, str(x.device)) // n))
     base = _logits(forward, x.repeat(per_pass, 1), n_vocab)
     tolerance = CAUSAL_TOLERANCE * max(1.0, float(base.abs().max()))
     if float((_logits(forward, x.repeat(per_pass, 1), n_vocab) - base).abs().max()) > tolerance:
@@ -316,6 +357,7 @@ class Scorer:
             raise ConfigError(f"{lab} has no [task] table", "the evaluator scores the built-in GPT task only")
         prepared = load_prepared(task.dataset, task.vocab_size)
         prepared.verify_split(split)
+        detect_device(device)  # the run's device, or DeviceUnavailable saying why this process cannot use it
         self.split, self.device, self.seq_len = split, device, task.max_seq_len
         self.fingerprint = prepared.fingerprint(split)
         self.enc = load_encoding(prepared.tokenizer_dir)
@@ -335,19 +377,25 @@ class Scorer:
         rows, n_vocab = self.rows, self.enc.n_vocab
         forward = load_program(model_path, self.device)
         with torch.no_grad():
+            checking = time.monotonic()
             check_causal(forward, rows[:, :-1], n_vocab, seed=int.from_bytes(os.urandom(4), "little"))
-            total_nats, total_bytes, total_tokens = 0.0, 0, 0
-            batch = rows_per_pass(self.seq_len, n_vocab)
+            causal_seconds = time.monotonic() - checking
+            # sums stay on the device (float64, exact enough for 10^8 tokens): one sync at the end
+            total_nats = torch.zeros((), dtype=torch.float64, device=rows.device)
+            total_bytes = torch.zeros((), dtype=torch.int64, device=rows.device)
+            total_tokens = torch.zeros((), dtype=torch.int64, device=rows.device)
+            batch = rows_per_pass(self.seq_len, n_vocab, self.device)
             for start in range(0, len(rows), batch):
                 x, y = rows[start : start + batch, :-1], rows[start : start + batch, 1:]
                 logits = _logits(forward, x, n_vocab)
                 nats = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 nbytes = self.token_bytes[y]
-                total_nats += float((nats * (nbytes > 0)).sum())
-                total_bytes += int(nbytes.sum())
-                total_tokens += int((nbytes > 0).sum())
-        bpb = total_nats / (math.log(2) * total_bytes)
-        return EvalResult(self.split, bpb, total_tokens, total_bytes, time.monotonic() - started, self.fingerprint)
+                total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+                total_bytes += nbytes.sum()
+                total_tokens += (nbytes > 0).sum()
+        bpb = float(total_nats) / (math.log(2) * int(total_bytes))
+        return EvalResult(self.split, bpb, int(total_tokens), int(total_bytes), time.monotonic() - started,
+                          self.fingerprint, causal_seconds=causal_seconds)
 
 
 def evaluate_model(model_path: Path, lab: Path, split: str = "val", device: str = "cpu") -> EvalResult:
@@ -370,10 +418,12 @@ class EvaluatorProcess:
     its environment. `close` (or leaving the `with` block) ends it if it is still waiting.
     """
 
-    def __init__(self, lab: Path, split: str = "val", device: str = "cpu") -> None:
+    def __init__(self, lab: Path, split: str = "val", device: str = "cpu",
+                 extra_env: Mapping[str, str] | None = None) -> None:
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {k: v for k, v in os.environ.items() if not any(fnmatch.fnmatchcase(k.upper(), p.upper())
                                                                for p in SECRET_PATTERNS)}
+        env.update(extra_env or {})  # the run's GPU: CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER
         env.update(PYTHONPATH=os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")])),
                    PYTHONSAFEPATH="1", TORCH_FORCE_WEIGHTS_ONLY_LOAD="1")
         self.split = split
@@ -418,7 +468,7 @@ class EvaluatorProcess:
         if code == 0 and f"{self.split}_bpb" in result:
             return EvalResult(self.split, float(result[f"{self.split}_bpb"]), int(result["tokens"]),
                               int(result["bytes"]), float(result["seconds"]), str(result["fingerprint"]),
-                              bool(result["causal"]))
+                              bool(result["causal"]), float(result.get("causal_seconds", 0.0)))
         if code == REJECTED:
             return Rejection(str(result.get("kind", "bad_model")), str(result.get("error")))
         raise EvaluatorFailed(f"the evaluator failed ({result.get('kind', 'error')}): {result.get('error')}")
@@ -443,10 +493,10 @@ class EvaluatorProcess:
 
 
 def run_evaluator(model_path: Path, lab: Path, split: str = "val", timeout: float = 600.0,
-                  device: str = "cpu") -> EvalResult | Rejection:
+                  device: str = "cpu", extra_env: Mapping[str, str] | None = None) -> EvalResult | Rejection:
     """Score a model that already exists in an EvaluatorProcess of its own (see there), killed as a
     group at `timeout`."""
-    with EvaluatorProcess(lab, split, device) as evaluator:
+    with EvaluatorProcess(lab, split, device, extra_env) as evaluator:
         return evaluator.score(model_path, timeout)
 
 

@@ -2,8 +2,9 @@
 
 Two rules. `strict` is the original's ratchet: keep when strictly better. `noise` (the default)
 keeps a gain only when it exceeds k times the run-to-run noise, measured on repeated runs of the
-same commit; a borderline gain earns confirmation runs. The loop gathers the runs; this module only
-does the arithmetic, so it can be replaced without touching the loop.
+same commit; a borderline gain earns confirmation runs. The loop gathers the runs; this module says
+which recorded runs count for a commit and does the arithmetic, so it can be replaced without touching
+the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import statistics
 from dataclasses import dataclass
 from typing import Protocol
+
+from .ledger import Experiment, runs_of
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,14 @@ def without_outliers(runs: list[float]) -> list[float]:
     """The runs of one commit, those the machine disturbed left out (see outliers)."""
     far = outliers(runs)
     return [x for i, x in enumerate(runs) if i not in far]
+
+
+def counted_runs(e: Experiment, history: list[Experiment], trim: bool = True) -> list[float]:
+    """The metrics that count for e's commit: e's own run and its measured repeats (the baseline's
+    repeats, confirmations, re-measurements of a champion); with `trim`, the runs the machine disturbed
+    left out (see outliers). A champion's figure is the mean of these, as status and report show it."""
+    runs = [x.metric for x in runs_of(e, history) if x.metric is not None]
+    return without_outliers(runs) if trim else runs
 
 
 def pooled_sigma(groups: list[list[float]]) -> float | None:

@@ -103,8 +103,15 @@ def m005_cpu(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE experiments ADD COLUMN cpu_seconds REAL")
 
 
+def m006_eval_seconds(db: sqlite3.Connection) -> None:
+    """How long the trusted evaluator took for a run's model (loading, checks and scoring), and how
+    much of that the causality check took: what trust costs per experiment, on each device."""
+    db.execute("ALTER TABLE experiments ADD COLUMN eval_seconds REAL")
+    db.execute("ALTER TABLE experiments ADD COLUMN causal_seconds REAL")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents, m004_trust,
-                                                          m005_cpu]
+                                                          m005_cpu, m006_eval_seconds]
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class Experiment:
     handoff_seconds: float | None = None
     sandbox: str | None = None
     cpu_seconds: float | None = None
+    eval_seconds: float | None = None
+    causal_seconds: float | None = None
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -21,14 +21,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from . import compile_cache
 from . import runner as runner_mod
 from .agents.base import Agent, Proposal, ResearchContext
 from .checks import check_change, frozen_hashes, lines_changed, matches, net_lines, patch_hash
 from .errors import AgentUnavailable, AutoresearchError
 from .gitrepo import Git
-from .judge import mean, pooled_sigma, verdict, without_outliers
+from .gpus import RunDevice, preflight, run_device
+from .judge import counted_runs, mean, pooled_sigma, verdict
 from .lab import Lab
-from .ledger import Experiment, Ledger, runs_of
+from .ledger import Experiment, Ledger
 from .measurement import (TrustedEval, drop_scratch, hidden_paths, is_trusted, read_metric, readable_paths,
                           test_split_bpb, write_trusted_toml)
 from .proposals import Prefetch, apply_proposal, commit_message, log_tail, merge_onto
@@ -89,12 +91,14 @@ class Loop:
         self._pause = 0.0
         self._started = time.monotonic()
         self._lock = TagLock(lab.state_dir / f"run-{self.tag}.lock", self.tag)
+        self.device: RunDevice = run_device(self.config)  # a cuda lab's runs get one GPU (gpus.py)
 
     # -- public -----------------------------------------------------------------------------
 
     def run(self) -> str:
         """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
         self._check_tag()
+        gpu = preflight(self.device)  # CUDA must start outside the sandbox before anything runs
         self._lock.acquire()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_id = self.ledger.start_run(self.tag, self.agent.name, self._snapshot())
@@ -104,7 +108,11 @@ class Loop:
         started = self._started = time.monotonic()
         try:
             self._recover()
-            self.view.start(self.lab.root.name, self.tag, self.agent.name, self.champion()[1], self.budget)
+            self.view.start(self.lab.root.name, self.tag, self.agent.name, self.ledger.experiments(self.tag),
+                            self.budget)
+            if gpu:
+                self.view.message(f"GPU {self.device.gpu}: {gpu['name']}, {gpu['free_gb']:.0f} of "
+                                  f"{gpu['total_gb']:.0f} GiB free")
             for e in self.ledger.unfinished(self.tag):  # first: what a killed orchestrator left running
                 self.view.message(f"resuming experiment {e.id} ({e.description})")
                 self._check_baseline(self._execute(e.id))
@@ -143,9 +151,7 @@ class Loop:
     def _runs_of(self, e: Experiment, history: list[Experiment] | None = None, trim: bool = True) -> list[float]:
         """The metric of `e` and of every successful repeat of it; with `trim`, runs the machine
         disturbed left out (never for a candidate being judged: dropping its worst run could only help it)."""
-        history = history if history is not None else self.ledger.experiments(self.tag)
-        runs = [x.metric for x in runs_of(e, history) if x.metric is not None]
-        return without_outliers(runs) if trim else runs
+        return counted_runs(e, history if history is not None else self.ledger.experiments(self.tag), trim)
 
     def _sigma(self) -> float | None:
         """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""
@@ -468,14 +474,17 @@ class Loop:
             scratch = self._scratch(e)
             c = self.config
             trusted = TrustedEval(scratch / "handoff", self.trusted_lab(), self.budget, c.startup_allowance,
-                                  c.eval_allowance) if is_trusted(c) else None
-            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}", **(trusted.env() if trusted else {})}
+                                  c.eval_allowance, self.device.type, self.device.env) if is_trusted(c) else None
+            _, cache_env = compile_cache.for_run(self.lab.state_dir, self.tag, (e.commit_sha, e.parent_commit), scratch)
+            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}", **self.device.env, **cache_env,
+                         **(trusted.env() if trusted else {})}
             if os.environ.get("PYTHONPATH"):  # the run starts in the worktree: relative entries would break
                 extra_env["PYTHONPATH"] = os.pathsep.join(
                     str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
             spec = runner_mod.RunSpec(
                 handoff_dir=trusted.folder if trusted else None, on_handoff=trusted.evaluate if trusted else None,
                 sandbox=c.sandbox, writable=(scratch,), hidden=hidden_paths(self.lab), readable=readable_paths(),
+                device_nodes=self.device.nodes(),
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
                 env=dict(os.environ), extra_env=extra_env,
@@ -503,7 +512,8 @@ class Loop:
                         outcome, reason = "invalid", problem
             self.ledger.update(
                 eid, outcome=outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
-                cpu_seconds=result.cpu_seconds,
+                cpu_seconds=result.cpu_seconds, eval_seconds=trusted.seconds if trusted else None,
+                causal_seconds=trusted.causal_seconds if trusted else None,
                 metric=metric, printed_metric=printed, handoff_seconds=result.handoff_seconds,
                 memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024), reason=reason,
             )
@@ -548,6 +558,8 @@ class Loop:
         if status == "keep" and e.kind != "baseline":
             self._advance(commit, e.commit_sha)
         if status == "keep":
+            assert e.commit_sha is not None
+            compile_cache.adopt(self.lab.state_dir, self.tag, e.commit_sha, self._scratch(e))  # the champion's now
             e = self._measure_test(e)
         else:
             drop_scratch(self._scratch(e))
@@ -562,7 +574,8 @@ class Loop:
         """A new champion's score on the held-out test split (recorded, never used to decide)."""
         if not is_trusted(self.config):
             return e
-        bpb, why_not = test_split_bpb(self._scratch(e), self.trusted_lab(), self.config.eval_allowance)
+        bpb, why_not = test_split_bpb(self._scratch(e), self.trusted_lab(), self.config.eval_allowance,
+                                      self.device.type, self.device.env)
         if bpb is None:
             self.view.message(f"test split not measured for #{e.id}: {why_not}")
             return e

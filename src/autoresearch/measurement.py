@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,17 +91,20 @@ class TrustedEval:
     """
 
     def __init__(self, folder: Path, trusted_lab: Path, budget: float, startup_allowance: float,
-                 eval_allowance: float) -> None:
+                 eval_allowance: float, device: str = "cpu", device_env: Mapping[str, str] | None = None) -> None:
         self.folder, self.lab = folder, trusted_lab
+        self.device, self.device_env = device, dict(device_env or {})  # the run's: it scores where it trained
         self.budget, self.startup_allowance, self.eval_allowance = budget, startup_allowance, eval_allowance
         self.bpb: float | None = None
         self.rejection: str | None = None
+        self.seconds: float | None = None  # the evaluator's: loading, checks and scoring
+        self.causal_seconds: float | None = None
         self._process: EvaluatorProcess | None = None
 
     def __enter__(self) -> TrustedEval:
         from .evaluator import EvaluatorProcess
 
-        self._process = EvaluatorProcess(self.lab, "val")
+        self._process = EvaluatorProcess(self.lab, "val", self.device, self.device_env)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,7 +125,7 @@ class TrustedEval:
             self.rejection = f"{result.kind}: {result.error}"
             runner_mod.write_handoff_result(folder, {"error": f"the evaluator rejected the model ({self.rejection})"})
             return
-        self.bpb = result.bpb
+        self.bpb, self.seconds, self.causal_seconds = result.bpb, result.seconds, result.causal_seconds
         runner_mod.write_handoff_result(folder, {"val_bpb": result.bpb})
 
     def problem(self, result: runner_mod.RunResult, printed: float | None) -> str | None:
@@ -138,16 +142,18 @@ class TrustedEval:
         return None
 
 
-def test_split_bpb(scratch: Path, trusted_lab: Path, timeout: float) -> tuple[float | None, str | None]:
-    """Score a champion's handed-over model on the held-out test split: (bpb, None) or (None, why not).
-    Never used for any decision: it makes overfitting the validation split by selection visible."""
+def test_split_bpb(scratch: Path, trusted_lab: Path, timeout: float, device: str = "cpu",
+                   device_env: Mapping[str, str] | None = None) -> tuple[float | None, str | None]:
+    """Score a champion's handed-over model on the held-out test split, on the device it trained on:
+    (bpb, None) or (None, why not). Never used for any decision: it makes overfitting the
+    validation split by selection visible."""
     model = scratch / "handoff" / "model.pt2"
     if not model.is_file():
         return None, "its model was not kept"
     from .evaluator import EvaluatorFailed, Rejection, run_evaluator
 
     try:
-        result = run_evaluator(model, trusted_lab, "test", timeout=timeout)
+        result = run_evaluator(model, trusted_lab, "test", timeout=timeout, device=device, extra_env=device_env)
     except EvaluatorFailed as exc:
         return None, str(exc)
     if isinstance(result, Rejection):

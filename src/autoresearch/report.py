@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .judge import outliers
+from .judge import counted_runs, mean, outliers
 from .ledger import Experiment, runs_of
 
 
@@ -14,6 +15,34 @@ from .ledger import Experiment, runs_of
 # with another job. Identical runs on a quiet machine differ by a few percent; the runs of a bench
 # that shared 2 cores with a niced test suite took ~1.4x as long.
 DISTURBED_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A kept experiment's figure, as the judge compares against it: the mean of the runs that count
+    for its commit (its own, the baseline's repeats, confirmations, re-measurements; outliers left out)."""
+
+    experiment: Experiment
+    metric: float
+    runs: int
+
+    def describe(self) -> str:
+        """`1.719012 (mean of 4 runs)`, or `1.686000 (1 run)`."""
+        return f"{self.metric:.6f} ({'1 run' if self.runs == 1 else f'mean of {self.runs} runs'})"
+
+
+def standing(e: Experiment, history: list[Experiment]) -> Standing | None:
+    """e's figure over the runs recorded in `history` (the tag's rows, repeats included)."""
+    runs = counted_runs(e, history)
+    if runs:
+        return Standing(e, mean(runs), len(runs))
+    return None if e.metric is None else Standing(e, e.metric, 1)
+
+
+def champion(history: list[Experiment]) -> Standing | None:
+    """The champion: the latest kept experiment (as the loop has it), with the mean of its runs."""
+    kept = [e for e in history if e.status == "keep"]
+    return standing(kept[-1], history) if kept else None
 
 
 def cores_used(e: Experiment) -> float | None:
@@ -37,7 +66,9 @@ def disturbed(experiments: list[Experiment]) -> dict[int, float]:
 def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     """One dict per experiment; `delta` is against the champion of its time (negative = lower);
     `left_out` marks a run the judge does not count for a champion, far off its other runs;
-    `disturbed` is the typical cores of the tag's runs when this one had much fewer (else None)."""
+    `disturbed` is the typical cores of the tag's runs when this one had much fewer (else None);
+    `mean` and `runs`, for a kept experiment, the mean of the runs that count for its commit and their
+    number (its `metric` is its own run only)."""
     shared = disturbed(experiments)
     left_out: set[int] = set()
     for e in experiments:
@@ -49,6 +80,7 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
         delta = None
         if e.metric is not None and e.champion_metric is not None and e.kind != "baseline":
             delta = e.metric - e.champion_metric
+        figure = standing(e, experiments) if e.status == "keep" else None
         rows.append({
             "id": e.id, "kind": e.kind, "commit": e.short_commit if e.commit_sha else "", "metric": e.metric,
             "delta": delta, "status": e.status, "reason": e.reason, "seconds": e.run_seconds,
@@ -58,20 +90,38 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             "sigma": e.sigma, "repeat_of": e.repeat_of, "sandbox": e.sandbox, "handoff_seconds": e.handoff_seconds,
             "cost_usd": e.cost_usd, "left_out": e.id in left_out, "cpu_seconds": e.cpu_seconds,
             "cores": cores_used(e), "disturbed": shared.get(e.id),
+            "mean": figure.metric if figure else None, "runs": figure.runs if figure else None,
         })
     return rows
 
 
-def running_best(experiments: list[Experiment], direction: str) -> list[tuple[int, float]]:
-    """(experiment number, champion metric) after each kept experiment."""
-    points = []
-    for i, e in enumerate(experiments):
-        if e.status == "keep" and e.metric is not None:
-            points.append((i, e.metric))
-    return points
+def runs_note(row: dict[str, Any]) -> str:
+    """` (mean of 4 runs: 1.719012)` for a status row of a kept experiment with repeats, else ``."""
+    return f" (mean of {row['runs']} runs: {row['mean']:.6f})" if row["runs"] and row["runs"] > 1 else ""
 
 
-def plot_progress(experiments: list[Experiment], path: Path, metric: str, direction: str, title: str) -> None:
+def champion_line(experiments: list[Experiment], final: float | None) -> list[tuple[int, float]]:
+    """(experiment number, champion metric in force after it), from the first kept experiment on: the
+    mean of the champion's runs that the next experiment was judged against (its `champion_metric`),
+    and after the last, `final` (the current champion's mean; without it, the last kept run). A kept
+    run's own metric is one run; this line is what the judge compared against."""
+    kept = [e.metric for e in experiments if e.status == "keep" and e.metric is not None]
+    if not kept:
+        return []
+    first = next(i for i, e in enumerate(experiments) if e.status == "keep" and e.metric is not None)
+    points, level = [], kept[-1] if final is None else final
+    for i in range(len(experiments) - 1, first - 1, -1):
+        points.append((i, level))
+        e = experiments[i]
+        if e.champion_metric is not None and e.kind != "baseline":
+            level = e.champion_metric
+    return points[::-1]
+
+
+def plot_progress(experiments: list[Experiment], path: Path, metric: str, direction: str, title: str,
+                  final: float | None = None) -> None:
+    """Every measured experiment, the kept ones highlighted, and the champion's mean as a step line
+    (`final`: the current champion's mean, for the line after the last experiment)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,13 +135,10 @@ def plot_progress(experiments: list[Experiment], path: Path, metric: str, direct
         ax.scatter(*zip(*discarded), s=18, color="#b0b0b0", label="discarded", zorder=2)
     if kept:
         ax.scatter(*zip(*kept), s=36, color="#2ca02c", label="kept", zorder=3)
-        steps_x, steps_y = [], []
-        for (i, y) in kept:
-            steps_x.append(i)
-            steps_y.append(y)
-        steps_x.append(len(experiments) - 1)
-        steps_y.append(steps_y[-1])
-        ax.step(steps_x, steps_y, where="post", color="#2ca02c", linewidth=1.5, label="champion", zorder=1)
+        line = champion_line(experiments, final)
+        if line:
+            ax.step(*zip(*line), where="post", color="#2ca02c", linewidth=1.5, label="champion (mean of its runs)",
+                    zorder=1)
         for i, y in kept[1:]:
             ax.annotate(experiments[i].description[:40], (i, y), textcoords="offset points", xytext=(4, 6),
                         fontsize=7, color="#2c6e2c", rotation=20)
@@ -119,20 +166,22 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
     png, md = out / "progress.png", out / "report.md"
     done = [e for e in experiments if e.status not in ("pending", "running") and e.kind != "repeat"]
     repeats = [e for e in experiments if e.kind == "repeat"]
-    plot_progress(done, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments")
     kept = [e for e in done if e.status == "keep"]
+    base, best = (standing(kept[0], experiments), champion(experiments)) if kept else (None, None)
+    plot_progress(done, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments",
+                  best.metric if best else None)
     counts: dict[str, int] = {}
     for e in done:
         counts[e.status] = counts.get(e.status, 0) + 1
     lines = [f"# autoresearch run `{tag}`", ""]
-    if kept:
-        base, best = kept[0], kept[-1]
-        assert base.metric is not None and best.metric is not None
-        lines += [f"- baseline {metric}: {base.metric:.6f}", f"- champion {metric}: {best.metric:.6f} "
-                  f"({best.metric - base.metric:+.6f}) at `{best.short_commit}`"]
-        if base.test_metric is not None and best.test_metric is not None:
-            lines.append(f"- held-out test split (never used for decisions): baseline {base.test_metric:.6f}, "
-                         f"champion {best.test_metric:.6f} ({best.test_metric - base.test_metric:+.6f})")
+    if base is not None and best is not None:
+        first, last = base.experiment, best.experiment
+        lines += [f"- baseline {metric}: {base.describe()}",
+                  f"- champion {metric}: {best.describe()}, {best.metric - base.metric:+.6f} against the baseline, "
+                  f"at `{last.short_commit}` (#{last.id})"]
+        if first.test_metric is not None and last.test_metric is not None:
+            lines.append(f"- held-out test split (never used for decisions): baseline {first.test_metric:.6f}, "
+                         f"champion {last.test_metric:.6f} ({last.test_metric - first.test_metric:+.6f})")
         sigmas = [e.sigma for e in done if e.sigma is not None]
         if sigmas:
             lines.append(f"- run-to-run noise σ: {sigmas[-1]:.6f}; {len(repeats)} repeat runs (baseline, "
@@ -140,13 +189,15 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
     lines += ["- experiments: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), "",
               "![progress](progress.png)", "", "| # | commit | metric | delta | test | status | seconds | description |",
               "|---:|---|---:|---:|---:|---|---:|---|"]
-    for r in status_rows(done):
+    ids = {e.id for e in done}
+    for r in (r for r in status_rows(experiments) if r["id"] in ids):  # the repeats count for the means
         metric_s = "" if r["metric"] is None else f"{r['metric']:.6f}"
         delta_s = "" if r["delta"] is None else f"{r['delta']:+.6f}"
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         desc = r["description"].replace("|", "\\|")
         if r["reason"] and r["status"] not in ("keep", "discard"):
             desc += f" ({r['reason'].replace('|', '/')})"
+        desc += runs_note(r)
         test_s = "" if r["test_metric"] is None else f"{r['test_metric']:.6f}"
         lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {test_s} | {r['status']} | {secs} | {desc} |")
     changes = [e for e in kept if e.kind != "baseline"]

@@ -85,6 +85,7 @@ class RunSpec:
     writable: tuple[Path, ...] = ()  # read-write besides cwd, made when missing; the first is the scratch dir
     hidden: tuple[Path, ...] = ()  # unreadable in the sandbox: state directory, validation and test shards
     readable: tuple[Path, ...] = ()  # read-only in the sandbox even under a hiding mount (the data cache, the venv)
+    device_nodes: tuple[str, ...] | None = None  # GPU device nodes the sandbox binds (None: all there are)
     handoff_dir: Path | None = None  # where the run hands over its model (writable; emptied of stale files)
     on_handoff: Callable[[Path], None] | None = None  # the evaluator, once, in a thread, when `ready` appears
 
@@ -259,7 +260,7 @@ def _confine(spec: RunSpec, argv: list[str], handoff: _Handoff | None) -> Confin
         handoff.prepare()
         writable.append(handoff.dir)
     return confine(spec.sandbox, argv, Path(spec.cwd), writable, spec.hidden, writable[0] if spec.writable else None,
-                   spec.readable)
+                   spec.readable, spec.device_nodes)
 
 
 def _argv(command: str | Sequence[str], python: str) -> tuple[list[str], bool]:

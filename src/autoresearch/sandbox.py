@@ -73,17 +73,20 @@ def unshare_executable() -> str | None:
 
 
 def confine(mode: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] = (),
-            hidden: Iterable[Path] = (), scratch: Path | None = None, readable: Iterable[Path] = ()) -> Confinement:
+            hidden: Iterable[Path] = (), scratch: Path | None = None, readable: Iterable[Path] = (),
+            devices: Iterable[str] | None = None) -> Confinement:
     """Wrap `argv` for `mode` ("auto", "bwrap" or "none"). "bwrap" raises SandboxUnavailable when
     bubblewrap cannot run; "auto" then falls back, making a private TMPDIR in `scratch` (None: the
-    system's temporary directory); "none" changes nothing."""
+    system's temporary directory); "none" changes nothing. `devices`: the GPU nodes bwrap binds
+    (None: every one found)."""
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "none":
         return Confinement("none", list(argv))
     bwrap = bwrap_executable()
     if bwrap is not None:
-        return Confinement("bwrap", bwrap_argv(bwrap, argv, cwd, writable, hidden, readable), {"TMPDIR": "/tmp"})
+        return Confinement("bwrap", bwrap_argv(bwrap, argv, cwd, writable, hidden, readable, devices),
+                           {"TMPDIR": "/tmp"})
     if mode == "bwrap":
         raise SandboxUnavailable(UNAVAILABLE)
     tmpdir = Path(tempfile.mkdtemp(prefix="tmp-", dir=scratch))
@@ -94,18 +97,20 @@ def confine(mode: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] 
 
 
 def bwrap_argv(bwrap: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] = (),
-               hidden: Iterable[Path] = (), readable: Iterable[Path] = ()) -> list[str]:
+               hidden: Iterable[Path] = (), readable: Iterable[Path] = (),
+               devices: Iterable[str] | None = None) -> list[str]:
     """The bwrap command line running `argv` in `cwd`, with `cwd` and `writable` read-write,
     `hidden` unreadable, and `readable` bound back read-only where a mount above would hide it (the
     fresh /tmp hides a data cache or a virtualenv that lives there). Paths are resolved; missing
-    hidden and readable paths are skipped."""
+    hidden and readable paths are skipped. `devices` are the GPU nodes bound in (a run given one GPU
+    gets that GPU's node and the driver's control nodes: see gpus.py); None binds every GPU node."""
     cwd = Path(cwd).resolve()
     line = [bwrap, *_BWRAP_BASE]
-    # GPUs: --dev builds a minimal /dev without them. Not verified on a GPU machine: the CUDA driver
-    # may also want more of /proc/driver or /run than this gives it.
-    for pattern in _GPU_DEVICES:
-        for device in sorted(glob.glob(pattern)):
-            line += ["--dev-bind", device, device]
+    # GPUs: --dev builds a minimal /dev without them. /proc is the sandbox's own, and the driver's
+    # /proc/driver/nvidia is in it; /sys is the host's, read-only (the driver reads PCI topology there)
+    nodes = devices if devices is not None else [d for pattern in _GPU_DEVICES for d in sorted(glob.glob(pattern))]
+    for device in nodes:
+        line += ["--dev-bind", device, device]
     # A mount hides what was beneath it, and the worktree lives inside the hidden state directory, so
     # parents go before children: a hidden directory first, then the writable paths bound back into it
     # (bwrap makes their mount points in the tmpfs). At the same depth the hiding goes last and wins.

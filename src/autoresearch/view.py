@@ -13,13 +13,18 @@ from rich.table import Table
 from rich.text import Text
 
 from .ledger import Experiment
+from .report import Standing, champion as champion_of
 
 STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "yellow",
                 "killed": "magenta", "running": "cyan"}
 
 
 class View(Protocol):
-    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None: ...
+    """`start` gets the tag's rows so far and `finished` each row as it is recorded (repeats too), so a
+    view knows every run behind the champion's mean (report.champion); `finished`'s `champion` is the
+    loop's champion mean of the moment, without its number of runs."""
+
+    def start(self, lab: str, tag: str, agent: str, history: list[Experiment], budget: float) -> None: ...
     def proposing(self) -> None: ...
     def started(self, e: Experiment, limit: float) -> None: ...
     def tick(self, elapsed: float) -> None: ...
@@ -30,6 +35,11 @@ class View(Protocol):
 
 def fmt_metric(value: float | None) -> str:
     return "—" if value is None else f"{value:.6f}"
+
+
+def fmt_champion(best: Standing | None) -> str:
+    """The champion as the judge compares against it: `1.719012 (mean of 4 runs)`, or `—`."""
+    return "—" if best is None else best.describe()
 
 
 def fmt_delta(e: Experiment) -> str:
@@ -52,8 +62,9 @@ class PlainView:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
 
-    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None:
-        self.console.print(f"lab {lab}  run {tag}  agent {agent}  budget {budget:g}s  champion {fmt_metric(champion)}")
+    def start(self, lab: str, tag: str, agent: str, history: list[Experiment], budget: float) -> None:
+        self.console.print(f"lab {lab}  run {tag}  agent {agent}  budget {budget:g}s  "
+                           f"champion {fmt_champion(champion_of(history))}")
 
     def proposing(self) -> None:
         pass
@@ -82,7 +93,8 @@ class LiveView(PlainView):
         super().__init__(console)
         self.recent: deque[Experiment] = deque(maxlen=rows)
         self.header = ""
-        self.champion: float | None = None
+        self.rows: dict[int, Experiment] = {}  # every row of the tag seen, for the champion's mean
+        self.champion: Standing | None = None
         self.current = "waiting for the agent"
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                                  TextColumn("/ {task.total:.0f}s"), console=self.console)
@@ -99,15 +111,16 @@ class LiveView(PlainView):
             seconds = f"{e.run_seconds:.0f}s" if e.run_seconds is not None else ""
             table.add_row(str(e.id), Text(e.status, style=STATUS_STYLE.get(e.status, "")), fmt_metric(e.metric),
                           fmt_delta(e), seconds, e.description[:70])
-        head = Text(f"{self.header}   champion {fmt_metric(self.champion)}", style="bold")
+        head = Text(f"{self.header}   champion {fmt_champion(self.champion)}", style="bold")
         return Group(head, Text(self.current), self.progress, table)
 
     def _refresh(self) -> None:
         self.live.update(self._render())
 
-    def start(self, lab: str, tag: str, agent: str, champion: float | None, budget: float) -> None:
+    def start(self, lab: str, tag: str, agent: str, history: list[Experiment], budget: float) -> None:
         self.header = f"lab {lab} · run {tag} · agent {agent} · budget {budget:g}s"
-        self.champion = champion
+        self.rows = {e.id: e for e in history}
+        self.champion = champion_of(history)
         self.live.start()
         self._refresh()
 
@@ -130,8 +143,8 @@ class LiveView(PlainView):
 
     def finished(self, e: Experiment, champion: float | None) -> None:
         self.recent.append(e)
-        if e.status == "keep":
-            self.champion = e.metric
+        self.rows[e.id] = e  # a repeat of the champion, or a new one, changes its mean
+        self.champion = champion_of([self.rows[i] for i in sorted(self.rows)])
         self.progress.update(self.task, visible=False)
         self.current = f"#{e.id} {e.status}: {e.description}"
         self._refresh()

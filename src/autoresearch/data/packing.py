@@ -11,11 +11,14 @@ piece).
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from .loader import ordered_map
 
 Encode = Callable[[list[str]], list[list[int]]]
 
@@ -73,23 +76,36 @@ def pieces_of(paragraphs: Sequence[Sequence[int]], bos: int, capacity: int) -> l
     return out
 
 
+def batch_pieces(
+    batch: list[tuple[str, int]], encode: Encode, bos: int, capacity: int
+) -> list[tuple[np.ndarray, int]]:
+    """(piece, epoch) for each piece of each (text, epoch) document of `batch`, in order."""
+    split = [split_paragraphs(text) for text, _ in batch]
+    flat = encode([p for paras in split for p in paras])
+    out: list[tuple[np.ndarray, int]] = []
+    i = 0
+    for (_, epoch), paras in zip(batch, split):
+        encoded = flat[i : i + len(paras)]
+        i += len(paras)
+        out.extend((piece, epoch) for piece in pieces_of(encoded, bos, capacity))
+    return out
+
+
 def document_pieces(
-    docs: Iterable[tuple[str, int]], encode: Encode, bos: int, capacity: int, batch_docs: int = 64
+    docs: Iterable[tuple[str, int]], encode: Encode, bos: int, capacity: int, batch_docs: int = 64,
+    workers: int = 1,
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """(piece, epoch) for each (text, epoch) document, tokenizing `batch_docs` documents at a time."""
+    """(piece, epoch) for each (text, epoch) document, tokenizing `batch_docs` documents at a time.
+
+    With `workers` > 1 the batches are tokenized on that many threads (`encode` must be
+    thread-safe, as tiktoken's is), a few batches ahead; the pieces and their order are the same
+    whatever the number of workers.
+    """
     docs = iter(docs)
-    while True:
-        batch = list(itertools.islice(docs, batch_docs))
-        if not batch:
-            return
-        split = [split_paragraphs(text) for text, _ in batch]
-        flat = encode([p for paras in split for p in paras])
-        i = 0
-        for (_, epoch), paras in zip(batch, split):
-            encoded = flat[i : i + len(paras)]
-            i += len(paras)
-            for piece in pieces_of(encoded, bos, capacity):
-                yield piece, epoch
+    batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
+    tokenize = functools.partial(batch_pieces, encode=encode, bos=bos, capacity=capacity)
+    for pieces in ordered_map(tokenize, batches, workers):
+        yield from pieces
 
 
 class BestFitBuffer:

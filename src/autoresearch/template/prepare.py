@@ -11,13 +11,15 @@ Usage:
 train.py imports from here (the same names as the original autoresearch's prepare.py, so a train.py
 written for it works unchanged):
     MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, get_token_bytes
-and, for device handling: detect_device, peak_flops.
+and, for device handling: detect_device (the lab's device, never a silent fallback), peak_flops and
+load_flash_attention (FlashAttention-3 from the cache, where `autoresearch prepare` fetched it).
 
 The settings below come from the lab's autoresearch.toml ([task] and [lab].budget), written once by
 `autoresearch init`. The data lives in ~/.cache/autoresearch/ (or $AUTORESEARCH_CACHE).
 """
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -26,16 +28,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from autoresearch import data as _data
 from autoresearch.config import load_config
 from autoresearch.data.evalrows import eval_rows
+from autoresearch.data.loader import background, default_producers
 from autoresearch.data.packing import document_pieces, encode_each, pack_rows, shuffled_epochs
 from autoresearch.data.tokenizer import BOS_TOKEN, load_encoding
-from autoresearch.devices import detect_device, peak_flops  # noqa: F401  (re-exported for train.py)
+from autoresearch.devices import lab_device, peak_flops  # noqa: F401  (re-exported for train.py)
+from autoresearch.attention_kernels import load_flash_attention  # noqa: F401
+from autoresearch import devices as _devices
+from autoresearch.presets import get_preset
 from autoresearch.errors import AutoresearchError
 
 # ---------------------------------------------------------------------------
@@ -56,6 +61,25 @@ EVAL_TOKENS = _config.task.eval_tokens  # validation tokens scored by evaluate_b
 TIME_BUDGET = float(os.environ.get("AUTORESEARCH_BUDGET") or _config.budget)
 
 TRAIN_SEED = 1337  # document order of the training split (a new seeded order every epoch)
+
+# ---------------------------------------------------------------------------
+# Device
+# ---------------------------------------------------------------------------
+
+
+def detect_device():
+    """The device this lab trains on: the one its preset is sized for (AUTORESEARCH_DEVICE overrides).
+
+    A cuda or mps lab never falls back to the CPU: its model would train at a hundredth of the speed
+    until the budget ran out, scored against runs that had the GPU. Instead: one line saying why the
+    device cannot be used here (a CPU build of torch, CUDA_VISIBLE_DEVICES, missing /dev/nvidia*
+    nodes, an address-space limit) and exit 1.
+    """
+    try:
+        return _devices.detect_device(lab_device(get_preset(PRESET).device))
+    except AutoresearchError as exc:
+        sys.exit(f"error: {exc}")
+
 
 # ---------------------------------------------------------------------------
 # Tokenizer
@@ -133,11 +157,12 @@ def _row_group_loaders(split):
     return loaders
 
 
-def packed_rows(tokenizer, T, split, one_pass=False):
+def packed_rows(tokenizer, T, split, one_pass=False, workers=1):
     """(row, epoch) pairs: rows of T + 1 token ids, BOS first, best-fit packed, no padding.
 
     The training split is shuffled with a new seed each epoch; validation and test are read in
-    file order, so evaluation always sees the same rows. Endless unless `one_pass`.
+    file order, so evaluation always sees the same rows. Endless unless `one_pass`. `workers`
+    threads tokenize; the rows do not depend on how many.
     """
     assert split in ("train", "val", "test"), f"unknown split {split!r}"
     capacity = T + 1
@@ -145,32 +170,52 @@ def packed_rows(tokenizer, T, split, one_pass=False):
     docs = shuffled_epochs(_row_group_loaders(split), seed=TRAIN_SEED, shuffle=split == "train")
     if one_pass:
         docs = itertools.takewhile(lambda doc: doc[1] == 1, docs)
-    pieces = document_pieces(docs, encode_each(tokenizer.enc.encode_ordinary), bos, capacity)
+    pieces = document_pieces(docs, encode_each(tokenizer.enc.encode_ordinary), bos, capacity, workers=workers)
     return pack_rows(pieces, capacity, bos)
 
 
-def make_dataloader(tokenizer, B, T, split, device=None):
+def make_dataloader(tokenizer, B, T, split, device=None, *, producers=None):
     """Yield (inputs, targets, epoch): (B, T) int64 tensors on `device` (default: detect_device()).
 
     Long documents are split at paragraph boundaries rather than cropped, so an epoch sees every
     token of the split. Pinned memory and non-blocking copies are used on CUDA only.
+
+    Batches are made ahead on a background thread while the model trains, their documents
+    tokenized on `producers` threads (default: one per core but one, at most 8; with 1 the packing
+    thread tokenizes too). The batches are the same, in the same order, whatever the number.
     """
     if split == "train" and os.environ.get("AUTORESEARCH_NO_TRAIN"):
         # set for coding assistants that propose changes: the loop runs experiments, they do not
         sys.exit("error: training is disabled here (AUTORESEARCH_NO_TRAIN is set): autoresearch runs experiments itself")
     device = torch.device(device) if device is not None else detect_device()
     cuda = device.type == "cuda"
-    rows = packed_rows(tokenizer, T, split)
-    staging = np.empty((B, T + 1), dtype=np.int64)
-    # inputs and targets side by side in one buffer, each contiguous (a train.py may call .view on them)
-    host = torch.empty((2, B, T), dtype=torch.long, pin_memory=cuda)
-    epoch = 1
-    while True:
-        for i in range(B):
-            staging[i], epoch = next(rows)
-        host[0].copy_(torch.from_numpy(staging[:, :-1]))
-        host[1].copy_(torch.from_numpy(staging[:, 1:]))
-        batch = host.to(device, non_blocking=cuda) if device.type != "cpu" else host.clone()
+    workers = default_producers() if producers is None else producers
+    rows = packed_rows(tokenizer, T, split, workers=workers)
+
+    def batches(rows):
+        while True:
+            # A new buffer for every batch, never one reused: on CUDA the non-blocking copy below
+            # returns before the GPU has read the buffer, and with gradient accumulation the next
+            # batch would be written into it meanwhile. Pinned tensors come from PyTorch's caching
+            # host allocator (pytorch/pytorch aten/src/ATen/cuda/PinnedMemoryAllocator.h), which
+            # hands a freed block out again only once the copies that read it are done:
+            # copy_kernel_cuda (aten/src/ATen/native/cuda/Copy.cu) calls record_event on the block
+            # after cudaMemcpyAsync, and free() (aten/src/ATen/core/CachingHostAllocator.h) holds a
+            # block with recorded events back until they complete. After the first few batches
+            # this reuses pinned blocks, without a cudaHostAlloc.
+            # Inputs and targets side by side, each contiguous (a train.py may call .view on them).
+            host = torch.empty((2, B, T), dtype=torch.long, pin_memory=cuda)
+            view = host.numpy()
+            for i in range(B):
+                row, epoch = next(rows)
+                view[0, i], view[1, i] = row[:-1], row[1:]
+            yield host, epoch
+
+    # Packing 128 x 2048 batches on one thread ran at 1.0-4.2 M tokens/s on 2 cores, an H100 trains
+    # at ~1.7 M: made on a thread, at most 4 batches ahead, a batch is ready when the step asks.
+    for host, epoch in background(batches(rows), depth=4):
+        # the copy is queued here, on the training thread's stream, so the step that reads it waits for it
+        batch = host.to(device, non_blocking=cuda) if device.type != "cpu" else host
         yield batch[0], batch[1], epoch
 
 
@@ -293,6 +338,14 @@ def hand_off(model, folder):
     with open(folder / "model.pt2.tmp", "wb") as handle:  # a file object: torch warns about the name otherwise
         torch.export.save(program, handle)
     os.replace(folder / "model.pt2.tmp", folder / "model.pt2")
+    if device.type == "cuda":
+        # the evaluator loads the model on this same GPU while the run waits: give the allocator's
+        # cached blocks (the training batch's activations, export's copies) back to the driver
+        gc.collect()  # train.py may have turned the collector off
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
     n_params = sum(p.numel() for p in model.parameters())
     ready = {"pid": os.getpid(), "time": time.time(), "printed_by": "evaluate_bpb", "n_params": n_params}
     (folder / "ready.tmp").write_text(json.dumps(ready) + "\n")
@@ -330,3 +383,7 @@ if __name__ == "__main__":
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"ready: {DATASET} in {prepared.dir} (vocabulary {VOCAB_SIZE})")
+    if get_preset(PRESET).device == "cuda":  # FlashAttention-3 for train.py, which loads it offline
+        from autoresearch.attention_kernels import fetch_flash_attention
+
+        print(fetch_flash_attention(print))

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb, get_token_bytes  # noqa: F401
-from prepare import detect_device, peak_flops
+from prepare import detect_device, peak_flops, load_flash_attention
 
 # ---------------------------------------------------------------------------
 # Model
@@ -68,10 +68,18 @@ class RMSNorm(torch.autograd.Function):
         return torch.addcmul(g, y, dot.div_(-y.size(-1)).to(g.dtype)).mul_(r.to(g.dtype))
 
 
+def on_gpu(x):
+    # the fused-kernel paths (F.rms_norm, plain rotary, FlashAttention-3) are for CUDA, where
+    # torch.compile fuses them further; the hand-written autograd Functions are for the CPU
+    return x.is_cuda
+
+
 def norm(x):
     # RMSNorm without a learnable gain: the per-layer scalars below do the scaling
-    if x.is_cuda:
-        return F.rms_norm(x, (x.size(-1),))  # fused kernels, and torch.compile fuses it further
+    if on_gpu(x):
+        # CUDA autocast runs rms_norm in fp32: cast back, or the residual stream turns fp32 and
+        # FlashAttention-3 (bf16/fp16 only) gets fp32 q and k beside a bf16 v
+        return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
     return RMSNorm.apply(x)
 
 
@@ -103,15 +111,12 @@ class Rotary(torch.autograd.Function):
 
 
 def apply_rotary(x, cos, sin):
-    return rotate(x, cos, sin) if x.is_cuda else Rotary.apply(x, cos, sin)
+    return rotate(x, cos, sin) if on_gpu(x) else Rotary.apply(x, cos, sin)
 
 
-FLASH_ATTN_3 = None  # FlashAttention-3, Hopper (sm90) only; the flash-attn-3 wheel provides flash_attn_interface
-if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
-    try:
-        from flash_attn_interface import flash_attn_func as FLASH_ATTN_3
-    except ImportError:
-        pass
+# FlashAttention-3's flash_attn_func, set in the setup section on CUDA when `autoresearch prepare`
+# fetched the kernel (Hugging Face `kernels`, as the original); None means PyTorch SDPA
+FLASH_ATTN_3 = None
 _MASKS = {}
 
 
@@ -163,7 +168,9 @@ class MatmulAttention(torch.autograd.Function):
 def attention(q, k, v, window):
     # q, k, v: (B, T, H, D). A query sees `window` tokens, itself included.
     T = q.size(1)
-    if FLASH_ATTN_3 is not None and q.is_cuda and not torch.compiler.is_exporting():  # FA3 is a custom op: export uses SDPA
+    # FA3 takes only bf16/fp16 (fp32 would fail at the first step), and it is a custom op: export uses SDPA
+    if (FLASH_ATTN_3 is not None and on_gpu(q) and q.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_exporting()):
         out = FLASH_ATTN_3(q, k, v, causal=True, window_size=(window - 1, 0))
         return out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
     if k.size(2) != q.size(2):  # grouped-query attention: share each k/v head among q heads
@@ -421,7 +428,7 @@ def orthogonalize(g):
     # iteration tolerates and which runs 4x faster than fp32 on CPUs with AVX512-BF16
     if g.dim() == 2:
         return orthogonalize(g[None])[0]
-    x = g.bfloat16()
+    x = g.float() if g.device.type == "mps" else g.bfloat16()  # MPS: bf16 needs macOS 14 and a recent torch
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -580,7 +587,7 @@ def check_loss(loss):
 
 def peak_memory_mb(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1024**2
+        return torch.cuda.max_memory_allocated(device) / 1024**2  # this run's GPU, not device 0
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 1024**2  # no peak counter: the driver's total at the end
     try:
@@ -614,6 +621,12 @@ if __name__ == "__main__":
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # fetched by `autoresearch prepare`, loaded from the cache: the run has no network
+        FLASH_ATTN_3, attention_line = load_flash_attention()  # "attention: fa3 (...)" or "attention: sdpa (why)"
+    elif device.type == "cpu" and MAX_SEQ_LEN <= 1024:
+        attention_line = "attention: matmul (MatmulAttention, CPU)"
+    else:
+        attention_line = f"attention: sdpa ({device.type})"
     # bf16: always on CUDA; on CPU with AVX512-BF16 (Zen 4+, Sapphire Rapids+) a bf16 matmul runs
     # ~4x faster than fp32 (810 vs 190 GFLOP/s on 2 Zen 5 cores) and a whole training step 1.9x
     # faster, so set CPU_BF16 = False on CPUs without bf16 instructions. MPS stays in fp32: bf16
@@ -653,6 +666,7 @@ if __name__ == "__main__":
           f"windows {GPT.compute_window_sizes(config)}")
     print(f"batch: {TOTAL_BATCH_SIZE} tokens = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token, peak {peak / 1e12:.3f} TFLOP/s ({compute_dtype}, {device})")
+    print(attention_line)
     print(f"startup: {time.time() - T_START:.1f}s, budget {TIME_BUDGET:.0f}s", flush=True)
 
     # ---------------------------------------------------------------------------
@@ -713,3 +727,4 @@ if __name__ == "__main__":
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
+    print(f"attention:        {attention_line.split()[1]}")

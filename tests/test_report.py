@@ -1,0 +1,105 @@
+"""What status, report.md and the plot say about the champion: the mean of the runs its judge counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoresearch.cli import main
+from autoresearch.judge import counted_runs, mean
+from autoresearch.lab import find_lab
+from autoresearch.ledger import Experiment, Ledger
+from autoresearch.loop import ledger_path
+from autoresearch.report import champion, champion_line, write_report
+from test_loop import make_target
+
+BASELINE = (1.686000, 1.730100, 1.728300, 1.731648)  # mean 1.719012: its first run is not its figure
+CANDIDATE = (1.704000, 1.690000)  # kept after one confirmation
+REMEASURED = 1.712000  # the champion run again later: mean of 3 runs, 1.702000
+
+
+def record(path: Path, tag: str = "t") -> list[Experiment]:
+    """A tag as the noise judge leaves it: a baseline with 3 repeats, a discard judged against their
+    mean, a candidate kept after a confirmation, an experiment judged against it, a re-measurement."""
+    with Ledger(path) as ledger:
+        run = ledger.start_run(tag, "hparam", {})
+
+        def add(kind: str, status: str, metric: float, commit: str, **fields: object) -> int:
+            return ledger.add(run_id=run, tag=tag, kind=kind, parent_commit="a" * 40, commit_sha=commit * 40,
+                              agent="hparam", description=fields.pop("description", kind), status=status,
+                              outcome="ok", metric=metric, **fields)
+
+        base = add("baseline", "keep", BASELINE[0], "a")
+        for metric in BASELINE[1:]:
+            add("repeat", "measured", metric, "a", repeat_of=base)
+        add("experiment", "discard", 1.75, "b", champion_metric=mean(list(BASELINE)), description="worse")
+        kept = add("experiment", "keep", CANDIDATE[0], "c", champion_metric=mean(list(BASELINE)),
+                   description="better")
+        add("repeat", "measured", CANDIDATE[1], "c", repeat_of=kept)
+        add("experiment", "discard", 1.72, "d", champion_metric=mean(list(CANDIDATE)), description="no gain")
+        add("repeat", "measured", REMEASURED, "c", repeat_of=kept)
+        return ledger.experiments(tag)
+
+
+def test_champion_is_the_mean_of_the_runs_the_judge_counts(tmp_path: Path) -> None:
+    history = record(tmp_path / "l.db")
+    best = champion(history)
+    assert best is not None and best.experiment.description == "better"
+    assert best.metric == pytest.approx(1.702) and best.runs == 3
+    assert best.describe() == "1.702000 (mean of 3 runs)"
+    assert counted_runs(best.experiment, history) == [1.704, 1.69, 1.712]
+    first = champion(history[:1])  # the baseline before its repeats
+    assert first is not None and first.describe() == "1.686000 (1 run)"
+    assert champion([]) is None
+
+
+def test_champion_leaves_out_the_run_the_judge_leaves_out(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as ledger:
+        run = ledger.start_run("t", "hparam", {})
+        base = ledger.add(run_id=run, tag="t", kind="baseline", parent_commit="abc", agent="hparam",
+                          description="baseline", status="keep", outcome="ok", metric=2.3977)  # a disturbed run
+        for metric in (1.5590, 1.5737, 1.5683):
+            ledger.add(run_id=run, tag="t", kind="repeat", repeat_of=base, parent_commit="abc", agent="hparam",
+                       description="repeat", status="measured", outcome="ok", metric=metric)
+        best = champion(ledger.experiments("t"))
+    assert best is not None and best.describe() == "1.567000 (mean of 3 runs)"
+
+
+def test_status_shows_the_champions_mean_and_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_target(tmp_path)
+    record(ledger_path(find_lab(repo)))
+    monkeypatch.chdir(repo)
+    assert main(["status", "--tag", "t", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["champion"] == {"id": 6, "commit": "c" * 7, "metric_name": "score",
+                                "metric": pytest.approx(1.702), "runs": 3}
+    rows = {r["id"]: r for r in data["experiments"]}
+    assert rows[1]["mean"] == pytest.approx(1.719012) and rows[1]["runs"] == 4 and rows[1]["metric"] == 1.686
+    assert rows[5]["mean"] is None and rows[5]["delta"] == pytest.approx(1.75 - 1.719012)
+    assert main(["status", "--tag", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "champion score 1.702000 (mean of 3 runs) at ccccccc (#6)" in out
+    assert "baseline (mean of 4 runs: 1.719012)" in out
+
+
+def test_report_shows_the_champions_mean_and_its_runs(tmp_path: Path) -> None:
+    history = record(tmp_path / "l.db")
+    _, md = write_report(history, tmp_path / "out", "val_bpb", "min", "t")
+    report = md.read_text()
+    assert "- baseline val_bpb: 1.719012 (mean of 4 runs)\n" in report
+    assert "- champion val_bpb: 1.702000 (mean of 3 runs), -0.017012 against the baseline, at `ccccccc` (#6)" in report
+    assert "| 1 | aaaaaaa | 1.686000 |" in report and "baseline (mean of 4 runs: 1.719012) |" in report
+    assert "better (mean of 3 runs: 1.702000) |" in report
+    assert "| 2 |" not in report  # repeats are not rows of the table
+
+
+def test_the_plots_champion_line_is_the_mean_each_judge_used(tmp_path: Path) -> None:
+    history = record(tmp_path / "l.db")
+    done = [e for e in history if e.kind != "repeat"]  # as write_report plots them: baseline, 3 experiments
+    line = champion_line(done, final=1.702)
+    assert [i for i, _ in line] == [0, 1, 2, 3]
+    assert [y for _, y in line] == pytest.approx([1.719012, 1.719012, 1.697, 1.702])  # not 1.686, 1.686, 1.704
+    assert champion_line(done[:1], final=None) == [(0, 1.686)]  # nothing judged yet: its one run
