@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,22 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
     full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def prepared_tiny_lab(root: Path, cache: Path) -> Path:
+    """A tiny-preset sotu lab made and prepared with the CLI in `root`, its data in `cache`."""
+    env = {"AUTORESEARCH_CACHE": str(cache)}
+    proc = run_cli("init", "lab", "--preset", "tiny", "--budget", "1", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("prepare", cwd=root / "lab", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return root / "lab"
+
+
+def import_prepare(lab: Path, name: str) -> types.ModuleType:
+    """The lab's frozen prepare.py, imported in this process under a name of its own."""
+    spec = importlib.util.spec_from_file_location(name, lab / "prepare.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

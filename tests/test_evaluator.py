@@ -7,7 +7,6 @@ operator, or arrive as a doctored archive.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -33,20 +32,14 @@ import torch.nn.functional as F
 from autoresearch.errors import CacheCorrupt
 from autoresearch.evaluator import (EvalResult, EvaluationRejected, EvaluatorFailed, EvaluatorProcess, Rejection,
                                    evaluate_model, run_evaluator)
-from conftest import REPO, run_cli
+from conftest import REPO, import_prepare, prepared_tiny_lab
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    root = tmp_path_factory.mktemp("evaluator")
-    env = {"AUTORESEARCH_CACHE": str(shared_cache)}
-    proc = run_cli("init", "lab", "--preset", "tiny", "--budget", "1", cwd=root, env=env)
-    assert proc.returncode == 0, proc.stderr
-    proc = run_cli("prepare", cwd=root / "lab", env=env)
-    assert proc.returncode == 0, proc.stderr
-    return root / "lab"
+    return prepared_tiny_lab(tmp_path_factory.mktemp("evaluator"), shared_cache)
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +50,7 @@ def _shared_cache(monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> None:
 @pytest.fixture(scope="module")
 def prepare(lab: Path) -> ModuleType:
     """The lab's frozen prepare.py, imported in this process under a name of its own."""
-    spec = importlib.util.spec_from_file_location("evaluator_test_prepare", lab / "prepare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_prepare(lab, "evaluator_test_prepare")
 
 
 class Mixer(nn.Module):

@@ -35,7 +35,7 @@ def test_every_fault_is_classified_and_the_loop_goes_on(tmp_path: Path, monkeypa
     toml = repo / "autoresearch.toml"
     toml.write_text(toml.read_text().replace("startup_allowance = 60", "startup_allowance = 2")
                     .replace("eval_allowance = 120", "eval_allowance = 1")
-                    .replace("budget = 5", "budget = 1\nmemory_limit_gb = 2\nlog_cap_mb = 2"))
+                    .replace("budget = 5", "budget = 1\nmemory_limit_gb = 2\nlog_cap_mb = 2\npass_env = [\"PID_FILE\"]"))
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "limits for the fault tests")
     pid_file = tmp_path / "child.pid"
     monkeypatch.setenv("PID_FILE", str(pid_file))

@@ -19,7 +19,7 @@ import random
 SHIFT = 0.0        # the knob: lower is better
 EXTRA = 0          # a line a simplification may delete
 
-counter = os.environ["NOISE_COUNTER"]
+counter = "@COUNTER@"  # outside the worktree: the test's own file
 n = int(open(counter).read()) if os.path.exists(counter) else 0
 open(counter, "w").write(str(n + 1))
 print("---")
@@ -59,18 +59,18 @@ def test_a_disturbed_run_is_left_out_of_a_large_group_only() -> None:
     assert without_outliers([1.5, 1.51, 2.4, 2.41]) == [1.5, 1.51, 2.4, 2.41]
 
 
-def comment_patch(i: int) -> str:
-    return diff("bench.py", NOISY, NOISY.replace(f"# slot {i}\n", f"# slot {i}: a note\n"), f"no-op: comment {i}")
+def comment_patch(program: str, i: int) -> str:
+    return diff("bench.py", program, program.replace(f"# slot {i}\n", f"# slot {i}: a note\n"), f"no-op: comment {i}")
 
 
 @pytest.mark.slow
-def test_no_op_changes_are_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NOISE_COUNTER", str(tmp_path / "counter"))
-    repo = make_target(tmp_path, NOISY, judge="noise")
-    real = diff("bench.py", NOISY, NOISY.replace("SHIFT = 0.0 ", "SHIFT = -0.5"), "a real gain of 10 sigma")
-    simpler = diff("bench.py", NOISY, NOISY.replace("EXTRA = 0          # a line a simplification may delete\n", ""),
-                   "delete an unused line")
-    patches = [comment_patch(i) for i in range(20)] + [real]
+def test_no_op_changes_are_not_kept(tmp_path: Path) -> None:
+    program = NOISY.replace("@COUNTER@", str(tmp_path / "counter"))
+    repo = make_target(tmp_path, program, judge="noise")
+    real = diff("bench.py", program, program.replace("SHIFT = 0.0 ", "SHIFT = -0.5"), "a real gain of 10 sigma")
+    unused = "EXTRA = 0          # a line a simplification may delete\n"
+    simpler = diff("bench.py", program, program.replace(unused, ""), "delete an unused line")
+    patches = [comment_patch(program, i) for i in range(20)] + [real]
     run_loop(repo, f"patches:{write_patches(tmp_path / 'patches', patches)}")
     rows = experiments(repo)
     base = rows[0]
@@ -131,3 +131,17 @@ def test_status_marks_a_run_that_had_less_of_the_machine(tmp_path: Path) -> None
         assert rows[5]["cores"] is None
         few = status_rows(ledger.experiments("t")[:3])  # under 4 measured runs: no typical figure yet
         assert all(r["disturbed"] is None for r in few)
+
+
+def test_judge_settings_are_read_and_checked(tmp_path: Path) -> None:
+    from autoresearch.config import parse_config
+    from autoresearch.errors import ConfigError
+
+    lab = '[lab]\nrun = "python bench.py"\nbudget = 5\neditable = ["bench.py"]\n'
+    default = parse_config(lab, tmp_path).judge
+    assert default.paired and default.sigma_floor == 0.002
+    legacy = parse_config(lab + "[judge]\npaired = false\nsigma_floor = 0\n", tmp_path).judge
+    assert not legacy.paired and legacy.sigma_floor == 0.0
+    for bad in ("sigma_floor = -0.1", "sigma_floor = 1", 'paired = "yes"', "pairs = true"):
+        with pytest.raises(ConfigError):
+            parse_config(lab + f"[judge]\n{bad}\n", tmp_path)

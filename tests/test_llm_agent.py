@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,10 @@ def test_api_keys_never_reach_the_experiment(tmp_path: Path, keyed: None, monkey
     monkeypatch.setenv("MY_SECRET_VALUE", "x")
     bench = BENCH.replace("time.sleep(PAUSE)", "import json, os\njson.dump(dict(os.environ), open(os.environ['ENV_DUMP'], 'w'))")
     repo = make_target(tmp_path, bench)
+    toml = repo / "autoresearch.toml"  # runs get an allow list of variables: this one is named, secrets are not
+    toml.write_text(toml.read_text().replace("[lab]\n", '[lab]\npass_env = ["ENV_DUMP", "MY_SECRET_*"]\n', 1))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pass ENV_DUMP"], cwd=repo,
+                   check=True)
     with FakeLLM(script=[Reply(edit("WIDTH = 10        # an integer knob", "WIDTH = 12        # an integer knob", "w"))],
                  key=KEY) as server:
         loop_with(repo, "openai:fake", server, max_experiments=1)

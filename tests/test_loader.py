@@ -9,7 +9,6 @@ interpreter at exit.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import itertools
 import subprocess
 import sys
@@ -31,20 +30,14 @@ from autoresearch.data.packing import (
     shuffled_epochs,
     split_paragraphs,
 )
-from conftest import REPO, run_cli
+from conftest import REPO, import_prepare, prepared_tiny_lab
 
 B, T = 32, 1024  # 32k tokens a batch: the sotu training split (~100 batches) ends within the test
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    root = tmp_path_factory.mktemp("loader")
-    env = {"AUTORESEARCH_CACHE": str(shared_cache)}
-    proc = run_cli("init", "lab", "--preset", "tiny", "--budget", "1", cwd=root, env=env)
-    assert proc.returncode == 0, proc.stderr
-    proc = run_cli("prepare", cwd=root / "lab", env=env)
-    assert proc.returncode == 0, proc.stderr
-    return root / "lab"
+    return prepared_tiny_lab(tmp_path_factory.mktemp("loader"), shared_cache)
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +48,7 @@ def _shared_cache(monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> None:
 @pytest.fixture(scope="module")
 def prepare(lab: Path) -> ModuleType:
     """The lab's frozen prepare.py, imported in this process under a name of its own."""
-    spec = importlib.util.spec_from_file_location("loader_test_prepare", lab / "prepare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_prepare(lab, "loader_test_prepare")
 
 
 @pytest.fixture()

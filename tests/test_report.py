@@ -103,3 +103,47 @@ def test_the_plots_champion_line_is_the_mean_each_judge_used(tmp_path: Path) -> 
     assert [i for i, _ in line] == [0, 1, 2, 3]
     assert [y for _, y in line] == pytest.approx([1.719012, 1.719012, 1.697, 1.702])  # not 1.686, 1.686, 1.704
     assert champion_line(done[:1], final=None) == [(0, 1.686)]  # nothing judged yet: its one run
+
+
+# ---------------------------------------------------------------------------
+# What a run or an agent wrote, shown safely
+# ---------------------------------------------------------------------------
+
+HOSTILE = ("\x1b[2J\x1b[Hall clear \x1b]0;owned\x07\x1b]8;;https://evil.example\x1b\\click\x1b]8;;\x1b\\ "
+           "[/] [bold red]fake[/bold red] | col \u202eevil\u202c\r\x08\x9b31m")
+
+
+def test_clean_removes_escapes_controls_and_reordering() -> None:
+    from autoresearch.display import clean, markdown_cell
+
+    out = clean(HOSTILE)
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\x9b" not in out
+    assert "\u202e" not in out and "owned" not in out and "https://evil" not in out
+    assert out.startswith("all clear click [/] [bold red]fake[/bold red] | col evil")
+    assert markdown_cell("a | b") == "a \\| b"
+    assert clean("x" * 10, limit=5) == "xxxx…" and clean("two\nlines", one_line=False) == "two\nlines"
+
+
+def test_hostile_descriptions_and_reasons_are_shown_as_plain_text(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from autoresearch.view import LiveView, PlainView
+
+    with Ledger(tmp_path / "l.db") as ledger:
+        run = ledger.start_run("t", "hparam", {})
+        eid = ledger.add(run_id=run, tag="t", kind="experiment", parent_commit="a" * 40, commit_sha="b" * 40,
+                         agent="llm", description=HOSTILE, status="crash", outcome="crash", reason=HOSTILE)
+        e = ledger.get(eid)
+    out = io.StringIO()
+    view = PlainView(Console(file=out, force_terminal=True, width=300))
+    view.started(e, 10)
+    view.finished(e, None)
+    view.message(HOSTILE)
+    text = out.getvalue()
+    assert "\x1b[2J" not in text and "\x1b]" not in text and "[bold red]fake[/bold red]" in text  # markup shown as text
+    live = LiveView(Console(file=io.StringIO(), force_terminal=True, width=300))
+    live.start("lab", "t", "a", [e], 10)
+    live.finished(e, None)  # a hostile "[/]" raised MarkupError here before
+    live.stop("done")

@@ -35,6 +35,9 @@ def start(repo: Path, pid_dir: Path) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("seed", [7, 11])
 def test_kill_9_at_random_moments_then_resume(tmp_path: Path, seed: int) -> None:
     repo = make_target(tmp_path, SLOW_BENCH)
+    toml = repo / "autoresearch.toml"  # a run gets only the variables it is allowed
+    toml.write_text(toml.read_text().replace("budget = 5", 'budget = 5\npass_env = ["PID_DIR"]'))
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pass PID_DIR")
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     rng = random.Random(seed)

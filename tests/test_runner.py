@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from autoresearch import sandbox
+from autoresearch.config import PASS_ENV
 from autoresearch.runner import (RunResult, RunSpec, group_alive, kill_group, parse_summary, run_experiment,
                                  scrub_env, write_handoff_result)
 
@@ -224,16 +225,22 @@ def test_signal_from_elsewhere_is_killed(tmp_path: Path, sig: int, outcome: str)
     assert result.wall_seconds < 5
 
 
-def test_secrets_are_scrubbed_and_extra_env_added(tmp_path: Path) -> None:
+def test_only_allowed_variables_pass_secrets_never_and_extra_env_is_added(tmp_path: Path) -> None:
     env = {**os.environ, "FOO_API_KEY": "k", "GITHUB_TOKEN": "t", "MY_SECRET_THING": "s", "hf_token": "h",
-           "DB_PASSWORD": "p", "PLAIN_SETTING": "kept"}
-    dump = tmp_path / "env.txt"
-    result = run(tmp_path, f"import os\nopen({str(dump)!r}, 'w').write('\\n'.join(sorted(os.environ)))\n",
-                 env=env, extra_env={"AUTORESEARCH_BUDGET": "60"})
+           "DB_PASSWORD": "p", "PLAIN_SETTING": "plain", "SSH_AUTH_SOCK": "/run/agent", "AWS_SESSION": "x",
+           "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0", "TORCH_SECRET_TOKEN": "s", "HOME": "/root"}
+    dump = tmp_path / "env.json"
+    source = f"import json, os\nopen({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)))\n"
+    result = run(tmp_path, source, env=env, extra_env={"AUTORESEARCH_BUDGET": "60"})
     assert result.outcome == "ok"
-    names = set(dump.read_text().splitlines())
-    assert not names & {"FOO_API_KEY", "GITHUB_TOKEN", "MY_SECRET_THING", "hf_token", "DB_PASSWORD"}
-    assert {"PATH", "PLAIN_SETTING", "AUTORESEARCH_BUDGET"} <= names
+    seen = json.loads(dump.read_text())
+    assert not set(seen) & {"FOO_API_KEY", "GITHUB_TOKEN", "MY_SECRET_THING", "hf_token", "DB_PASSWORD",
+                            "PLAIN_SETTING", "SSH_AUTH_SOCK", "AWS_SESSION", "TORCH_SECRET_TOKEN"}
+    assert {"PATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_BUDGET", "AUTORESEARCH_CACHE"} <= set(seen)
+    assert seen["HOME"] != "/root" and not Path(seen["HOME"]).exists()  # private to the run, then removed
+    more = run(tmp_path, source, env=env, pass_env=(*PASS_ENV, "plain_*", "TORCH_SECRET_*"))
+    seen = json.loads(dump.read_text())
+    assert more.outcome == "ok" and seen["PLAIN_SETTING"] == "plain" and "TORCH_SECRET_TOKEN" not in seen
 
 
 def test_scrub_env_matches_names_case_insensitively() -> None:
@@ -241,7 +248,7 @@ def test_scrub_env_matches_names_case_insensitively() -> None:
     assert scrub_env(env, ("*_API_KEY", "*SECRET*", "*_TOKEN")) == {"TOKENIZERS_PARALLELISM": "3", "HOME": "/h"}
 
 
-def test_on_start_gets_the_real_pid_and_pgid_and_on_tick_ticks(tmp_path: Path) -> None:
+def test_on_start_gets_the_group_leader_and_on_tick_ticks(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     ticks: list[float] = []
     ids = tmp_path / "ids.txt"
@@ -250,7 +257,7 @@ def test_on_start_gets_the_real_pid_and_pgid_and_on_tick_ticks(tmp_path: Path) -
                  on_start=lambda pid, pgid: seen.append((pid, pgid)), on_tick=ticks.append, tick_seconds=0.25)
     assert result.outcome == "ok"
     pid, pgid = map(int, ids.read_text().split())
-    assert seen == [(pid, pgid)] and pid == pgid
+    assert seen == [(pgid, pgid)] and pid != pgid  # the reaper leads the run's group; the command is its child
     assert len(ticks) >= 3 and ticks == sorted(ticks) and ticks[-1] < result.wall_seconds + 0.1
 
 
@@ -323,7 +330,7 @@ HANDOFF = """import sys, time
 from pathlib import Path
 handoff = Path(sys.argv[1])
 time.sleep(1.0)
-(handoff / "model.bin").write_bytes(b"trained weights")
+(handoff / "model.pt2").write_bytes(b"trained weights")
 (handoff / "ready").write_text(repr(time.monotonic()))  # when it was written (the clock is the machine's)
 while not (handoff / "result.json").exists():
     time.sleep(0.02)
@@ -355,9 +362,10 @@ def test_handoff_is_timed_from_outside_and_evaluated_once(tmp_path: Path, mode: 
     spawned: list[float] = []
     calls: list[tuple[float, bytes]] = []
 
-    def evaluate(directory: Path) -> None:
-        calls.append((time.monotonic(), (directory / "model.bin").read_bytes()))
-        write_handoff_result(directory, {"val_bpb": 1.25})
+    def evaluate(model: Path) -> dict[str, float]:
+        calls.append((time.monotonic(), model.read_bytes()))
+        assert handoff not in model.parents  # a copy, out of the run's reach
+        return {"val_bpb": 1.25}
 
     result = run_handoff(tmp_path, mode, evaluate, on_start=lambda pid, pgid: spawned.append(time.monotonic()))
     assert result.outcome == "ok" and result.sandbox == mode, result.tail
@@ -372,7 +380,7 @@ def test_handoff_is_timed_from_outside_and_evaluated_once(tmp_path: Path, mode: 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_raising_evaluator_still_answers_the_run(tmp_path: Path, mode: str) -> None:
-    def evaluate(directory: Path) -> None:
+    def evaluate(model: Path) -> None:
         raise RuntimeError("the model file is corrupt")
 
     result = run_handoff(tmp_path, mode, evaluate)
@@ -381,18 +389,18 @@ def test_a_raising_evaluator_still_answers_the_run(tmp_path: Path, mode: str) ->
 
 
 def test_an_evaluator_that_writes_nothing_still_answers_the_run(tmp_path: Path) -> None:
-    result = run_handoff(tmp_path, "none", lambda directory: None)
+    result = run_handoff(tmp_path, "none", lambda model: None)
     assert result.outcome == "ok"
-    assert printed_result(result) == {"error": "the evaluator returned without writing a result"}
+    assert printed_result(result) == {"error": "the evaluator returned no result"}
 
 
 def test_the_limit_covers_the_evaluation_and_the_evaluator_is_awaited(tmp_path: Path) -> None:
     finished: list[float] = []
 
-    def evaluate(directory: Path) -> None:
+    def evaluate(model: Path) -> dict[str, float]:
         time.sleep(2.0)  # still evaluating when the limit kills the run at 1.5 s
         finished.append(time.monotonic())
-        write_handoff_result(directory, {"val_bpb": 1.0})
+        return {"val_bpb": 1.0}
 
     quick = HANDOFF.replace("time.sleep(1.0)", "time.sleep(0.1)")  # handed over well before the limit, even
     result = run_handoff(tmp_path, "none", evaluate, source=quick, budget=1.5)  # when the start is slow

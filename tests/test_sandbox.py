@@ -50,7 +50,7 @@ class Lab:
         fields: dict[str, Any] = dict(
             command="python script.py", cwd=self.worktree, log_path=self.state / "logs" / f"{uuid.uuid4().hex}.log",
             budget=20.0, startup_allowance=0.0, eval_allowance=0.0, grace_seconds=0.5, sandbox="bwrap",
-            writable=(self.scratch,), hidden=(self.state, self.val),
+            writable=(self.scratch,), hidden=(self.state, self.val), readable=(self.cache,),
             env={"PATH": "/usr/bin:/bin", "HOME": str(self.home)})
         fields.update(overrides)
         return RunSpec(**fields)
@@ -139,12 +139,13 @@ attempt("val", lambda: Path({str(lab.val)!r}).read_bytes().decode("latin-1"))
 attempt("train", lambda: Path({str(lab.train)!r}).read_text())
 attempt("ledger", lambda: Path({str(lab.state / "ledger.db")!r}).read_bytes().decode("latin-1"))
 attempt("state_listing", lambda: sorted(os.listdir({str(lab.state)!r})))
-for name, path in [("lab_root", {str(lab.root)!r}), ("cache", {str(lab.cache)!r}), ("home", os.environ["HOME"]),
+for name, path in [("lab_root", {str(lab.root)!r}), ("cache", {str(lab.cache)!r}), ("home", {str(lab.home)!r}),
                    ("state", {str(lab.state)!r}), ("cwd", "."), ("scratch", {str(lab.scratch)!r})]:
     attempt("write_" + name, lambda: Path(path, "written.txt").write_text("x") and "written")
 attempt("tmp_seen", lambda: Path("/tmp/{marker}").exists())
 attempt("tmp_write", lambda: Path("/tmp/{marker}").write_text("x") and "written")
 report["tmpdir"] = os.environ.get("TMPDIR")
+report["own_home"] = [os.environ["HOME"], os.listdir(os.environ["HOME"])]
 print("PROBE", json.dumps(report))
 """
     first = probe(lab.run(source))
@@ -160,6 +161,7 @@ print("PROBE", json.dumps(report))
         assert not (outside / "written.txt").exists()
     assert lab.val.read_bytes() == VAL_BYTES and (lab.state / "ledger.db").read_bytes() == LEDGER_BYTES
     assert first["tmp_seen"] is False and first["tmp_write"] == "written" and first["tmpdir"] == "/tmp"
+    assert first["own_home"] == ["/tmp/home", []]  # a private, empty HOME instead of the user's
     assert not Path("/tmp", marker).exists()  # a private /tmp, not the host's
     second = probe(lab.run(source))
     assert second["tmp_seen"] is False  # nothing persists between runs

@@ -146,6 +146,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from .display import clean
 
     modes = sorted({r["sandbox"] for r in rows if r["sandbox"]})
     caption = None if best is None else \
@@ -159,7 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "" if r["delta"] is None else f"{r['delta']:+.6f}",
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}",
-                      r["description"] + (f" ({r['reason']})" if r["reason"] and r["status"] not in ("keep", "discard") else "")
+                      Text(clean(r["description"]) + (f" ({clean(r['reason'], limit=500)})" if r["reason"]
+                                                        and r["status"] not in ("keep", "discard") else ""))
                       + runs_note(r)
                       + (" (left out: far off the other runs of this commit)" if r["left_out"] else "")
                       + (f" (disturbed: it kept {r['cores']:.1f} cores busy where this run's experiments "

@@ -23,6 +23,24 @@ else:  # pragma: no cover - exercised only on 3.10
 CONFIG_NAME = "autoresearch.toml"
 LOOP_AGENT_KEYS = ("name", "repair_attempts", "pause_seconds", "max_pause_seconds")  # [agent] keys the loop reads
 SECRET_PATTERNS = ("*_API_KEY", "*_TOKEN", "*SECRET*", "*PASSWORD*", "*_CREDENTIALS")
+# The environment variables a run gets (fnmatch, any case); every other one stays with the orchestrator.
+# What a training run reads: the locale and the terminal, Python's own settings, the thread counts of
+# OpenMP/MKL/OpenBLAS/Accelerate and of rayon (the tokenizer), the GPU's (CUDA, NVIDIA, ROCm), torch's,
+# Triton's and the Hugging Face offline switches, an active virtualenv or conda environment, the
+# dynamic loader's library path, and autoresearch's own. `[lab] pass_env` adds to these;
+# `[lab] secret_env` (SECRET_PATTERNS) removes from them and wins. HOME and TMPDIR are the run's own.
+PASS_ENV = (
+    "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "NO_COLOR", "USER", "LOGNAME",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "PYTHONPYCACHEPREFIX", "PYTHONWARNINGS", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONFAULTHANDLER",
+    "PYTHONMALLOC", "PYTHONNOUSERSITE", "PYTHONOPTIMIZE", "PYTHONDEVMODE", "PYTHONUSERBASE",
+    "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "LD_LIBRARY_PATH",
+    "OMP_*", "KMP_*", "GOMP_*", "MKL_*", "OPENBLAS_*", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_*", "RAYON_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM", "MALLOC_*",
+    "CUDA_*", "NVIDIA_*", "CUBLAS_*", "CUDNN_*", "NCCL_*", "HIP_*", "ROCR_*", "HSA_*",
+    "TORCH*", "PYTORCH_*", "TRITON*", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "AUTORESEARCH_*", "TMPDIR",
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,9 @@ class LabConfig:
     task: TaskConfig | None = None
     startup_allowance: float = 60.0  # seconds added to the limit for start-up and compilation
     eval_allowance: float = 120.0  # seconds added to the limit for the final (trusted) evaluation
-    secret_env: tuple[str, ...] = SECRET_PATTERNS  # environment variables never passed to a run
+    secret_env: tuple[str, ...] = SECRET_PATTERNS  # environment variables never passed to a run (wins)
+    pass_env: tuple[str, ...] = PASS_ENV  # the variables a run gets: PASS_ENV and [lab] pass_env
+    readable: tuple[Path, ...] = ()  # [lab] readable: more host paths a run may read (a dataset in HOME)
     log_cap_mb: float = 10.0  # output kept per experiment (head and tail)
     memory_limit_gb: float | None = None  # address-space limit of a run (Linux/macOS)
     agent: str = "hparam"  # the default --agent
@@ -138,19 +158,23 @@ def parse_config(text: str, root: Path) -> LabConfig:
             raise ConfigError(f"{CONFIG_NAME}: [task] `vocab_size` must be at least 260 (256 bytes + 4 special tokens)")
     agent_t = dict(_get(data, "agent", dict, "agent", {}))
     judge_t = _get(data, "judge", dict, "judge", {})
-    unknown = sorted(set(judge_t) - {"mode", "k", "repeats", "confirmations", "remeasure_every"})
+    known = ("mode", "k", "repeats", "confirmations", "remeasure_every", "paired", "sigma_floor")
+    unknown = sorted(set(judge_t) - set(known))
     if unknown:
         raise ConfigError(f"{CONFIG_NAME}: [judge] has unknown key(s) {', '.join(unknown)}",
-                          "known: mode, k, repeats, confirmations, remeasure_every")
+                          f"known: {', '.join(known)}")
+    default = JudgeConfig()
     judge = JudgeConfig(
         mode=_get(judge_t, "mode", str, "judge", "noise"), k=_get(judge_t, "k", float, "judge", 2.0),
         repeats=_get(judge_t, "repeats", int, "judge", 4), confirmations=_get(judge_t, "confirmations", int, "judge", 2),
         remeasure_every=_get(judge_t, "remeasure_every", int, "judge", 10),
+        paired=_get(judge_t, "paired", bool, "judge", default.paired),
+        sigma_floor=_get(judge_t, "sigma_floor", float, "judge", default.sigma_floor),
     )
     if judge.mode not in ("noise", "strict") or judge.k <= 0 or judge.repeats < 1 or judge.confirmations < 0 \
-            or judge.remeasure_every < 0:
+            or judge.remeasure_every < 0 or not 0 <= judge.sigma_floor < 1:
         raise ConfigError(f"{CONFIG_NAME}: [judge] needs mode \"noise\" or \"strict\", k > 0, repeats >= 1, "
-                          "confirmations >= 0, remeasure_every >= 0 (0: never)")
+                          "confirmations >= 0, remeasure_every >= 0 (0: never), 0 <= sigma_floor < 1")
     memory = _get(lab, "memory_limit_gb", float, "lab", None)
     return LabConfig(
         root=root,
@@ -164,6 +188,8 @@ def parse_config(text: str, root: Path) -> LabConfig:
         startup_allowance=_get(lab, "startup_allowance", float, "lab", 60.0),
         eval_allowance=_get(lab, "eval_allowance", float, "lab", 120.0),
         secret_env=_strings(lab, "secret_env", "lab") or SECRET_PATTERNS,
+        pass_env=(*PASS_ENV, *_strings(lab, "pass_env", "lab")),
+        readable=tuple((root / Path(p).expanduser()).resolve() for p in _strings(lab, "readable", "lab")),
         log_cap_mb=_get(lab, "log_cap_mb", float, "lab", 10.0),
         memory_limit_gb=memory,
         agent=_get(agent_t, "name", str, "agent", "hparam"),
@@ -217,6 +243,8 @@ def render_config(
         "repeats = 4                    # baseline runs that measure the noise",
         "confirmations = 2              # extra runs for a borderline gain",
         "remeasure_every = 10           # re-run the champion every this many experiments",
+        "paired = true                  # before a keep, re-run the champion beside it (drift-proof)",
+        "sigma_floor = 0.002            # noise taken as at least this fraction of the metric",
         "",
         "[metric]",
         f'name = "{metric.name}"',

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -25,16 +26,17 @@ from . import compile_cache
 from . import runner as runner_mod
 from .agents.base import Agent, Proposal, ResearchContext
 from .checks import check_change, frozen_hashes, lines_changed, matches, net_lines, patch_hash
-from .errors import AgentUnavailable, AutoresearchError
+from .errors import AgentUnavailable, AutoresearchError, GitError
 from .gitrepo import Git
 from .gpus import RunDevice, preflight, run_device
-from .judge import counted_runs, mean, pooled_sigma, verdict
+from .judge import baseline_runs, block_of, counted_runs, mean, next_step
 from .lab import Lab
 from .ledger import Experiment, Ledger
-from .measurement import (TrustedEval, drop_scratch, hidden_paths, is_trusted, read_metric, readable_paths,
-                          test_split_bpb, write_trusted_toml)
+from .measurement import (TrustedEval, champion_startup, drop_scratch, hidden_paths, is_trusted, read_metric,
+                          readable_paths, test_split_bpb, write_trusted_toml)
 from .proposals import Prefetch, apply_proposal, commit_message, log_tail, merge_onto
 from .recovery import TagLock, clear_stale_git_locks, group_is_from
+from .sandbox import notice as sandbox_notice
 from .view import View
 
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
@@ -81,7 +83,7 @@ class Loop:
         self.tag = options.tag
         self.branch = f"refs/heads/autoresearch/{self.tag}"
         self.worktree = lab.state_dir / "worktrees" / self.tag
-        self.wt = Git(self.worktree)
+        self._wt: Git | None = None  # the worktree's Git, found from the lab's side by _recover
         self.logs = lab.state_dir / "logs"
         self.budget = options.budget or self.config.budget
         self.run_id = 0
@@ -110,6 +112,8 @@ class Loop:
             self._recover()
             self.view.start(self.lab.root.name, self.tag, self.agent.name, self.ledger.experiments(self.tag),
                             self.budget)
+            if notice := sandbox_notice(self.config.sandbox):  # once, when runs get less than bubblewrap
+                self.view.message(notice)
             if gpu:
                 self.view.message(f"GPU {self.device.gpu}: {gpu['name']}, {gpu['free_gb']:.0f} of "
                                   f"{gpu['total_gb']:.0f} GiB free")
@@ -153,13 +157,6 @@ class Loop:
         disturbed left out (never for a candidate being judged: dropping its worst run could only help it)."""
         return counted_runs(e, history if history is not None else self.ledger.experiments(self.tag), trim)
 
-    def _sigma(self) -> float | None:
-        """Run-to-run noise, pooled over every experiment that has repeats (None in strict mode)."""
-        if self.config.judge.mode != "noise":
-            return None
-        history = self.ledger.experiments(self.tag)
-        return pooled_sigma([self._runs_of(e, history) for e in history if e.kind != "repeat"])
-
     # -- setup and recovery -----------------------------------------------------------------
 
     def _check_tag(self) -> None:
@@ -192,10 +189,23 @@ class Loop:
         start = commit or self.git.resolve(self.branch) or self.git.head()
         if self.git.resolve(self.branch) != start:
             self.git.update_ref(self.branch, start)
-        if not (self.worktree / ".git").exists():
+        try:
+            self._wt = self.git.worktree(self.worktree)
+        except GitError:  # never made, or its registration is gone: make it anew
+            shutil.rmtree(self.worktree, ignore_errors=True)
             self.worktree.parent.mkdir(parents=True, exist_ok=True)
             self.git.add_worktree(self.worktree, start)
+            self._wt = self.git.worktree(self.worktree)
+        found = self.wt.restore_gitfile()
+        if found:
+            self.view.message(f"restored the worktree's .git file ({found} was in its place)")
         self.wt.reset_to(start)
+
+    @property
+    def wt(self) -> Git:
+        """Git in the experiments' worktree: explicit git dir, no hooks (see gitrepo)."""
+        assert self._wt is not None, "the worktree is set up by _recover at the start of run()"
+        return self._wt
 
     def _baseline(self) -> Experiment | None:
         rows = [e for e in self.ledger.experiments(self.tag) if e.kind == "baseline" and e.status == "keep"]
@@ -217,21 +227,29 @@ class Loop:
         self._measure_baseline()
 
     def _measure_baseline(self) -> None:
-        """Run the baseline `repeats` times in all, so the noise is known before the first decision."""
+        """Run the baseline `repeats` times in all, so the noise is known before the first decision
+        (runs the machine disturbed do not count: judge.baseline_runs)."""
         base = self._baseline()
-        if base is None:
+        jc = self.config.judge
+        if base is None or jc.mode != "noise":
             return
-        while len(self._runs_of(base)) < self.config.judge.repeats and self.config.judge.mode == "noise":
-            attempts = [e for e in self.ledger.experiments(self.tag) if e.repeat_of == base.id]
-            if len(attempts) >= 2 * self.config.judge.repeats:  # repeats keep crashing: go on without them
+        while baseline_runs(base, history := self.ledger.experiments(self.tag), jc) < jc.repeats:
+            attempts = [e for e in history if e.repeat_of == base.id and block_of(e) == base.id]
+            if len(attempts) >= 2 * jc.repeats:  # repeats keep crashing or being disturbed: go on without them
                 break
-            self._repeat(base)
+            self._repeat(base, block=base.id)
 
-    def _repeat(self, of: Experiment) -> Experiment:
-        """Run an experiment's commit again; the new row is linked to it and decides nothing itself."""
+    def _repeat(self, of: Experiment, block: int | None, beside: Experiment | None = None) -> Experiment:
+        """Run an experiment's commit again; the new row is linked to it and decides nothing itself.
+        `block`: the measurement it belongs to (judge.block_of; None: one of its own), `beside`: the
+        candidate being judged, when this is a run of the champion made for it."""
+        note, meta = "", {"block": block}
+        if beside is not None:
+            note, meta = f" beside #{beside.id}", {"block": block, "for": beside.id}
         eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="repeat", repeat_of=of.id,
                               parent_commit=of.parent_commit, commit_sha=of.commit_sha, agent=of.agent,
-                              description=f"repeat of #{of.id}: {of.description}", status="running", lines_changed=0)
+                              description=f"repeat of #{of.id}{note}: {of.description}", status="running",
+                              lines_changed=0, meta=meta)
         assert of.commit_sha is not None
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), of.commit_sha)
         return self._execute(eid)
@@ -286,7 +304,7 @@ class Loop:
 
     def _remeasure_champion(self) -> None:
         """Every `remeasure_every` experiments, run the champion again: a lucky winner regresses to
-        its mean, and drift of the machine shows up in the noise estimate."""
+        its mean, and the screen (judge._screen) compares new candidates with its level as it is now."""
         every = self.config.judge.remeasure_every
         champ = self._champion_row()
         if not every or self.config.judge.mode != "noise" or champ is None:
@@ -296,7 +314,7 @@ class Loop:
         since = sum(1 for x in history if x.kind == "experiment" and x.id > last)
         if since >= every:
             self.view.message(f"re-measuring the champion #{champ.id} after {since} experiments")
-            self._repeat(champ)
+            self._repeat(champ, block=None)
 
     # -- getting a proposal: prepared ahead, paused when the agent's service is down -----------
 
@@ -473,8 +491,9 @@ class Loop:
             self._start_prefetch(e)
             scratch = self._scratch(e)
             c = self.config
-            trusted = TrustedEval(scratch / "handoff", self.trusted_lab(), self.budget, c.startup_allowance,
-                                  c.eval_allowance, self.device.type, self.device.env) if is_trusted(c) else None
+            startup = champion_startup(self.ledger, self.tag)  # bounds the hand-off time (measurement.py)
+            trusted = TrustedEval(scratch, self.trusted_lab(), self.budget, c.startup_allowance, c.eval_allowance,
+                                  self.device.type, self.device.env, startup) if is_trusted(c) else None
             _, cache_env = compile_cache.for_run(self.lab.state_dir, self.tag, (e.commit_sha, e.parent_commit), scratch)
             extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}", **self.device.env, **cache_env,
                          **(trusted.env() if trusted else {})}
@@ -483,12 +502,15 @@ class Loop:
                     str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
             spec = runner_mod.RunSpec(
                 handoff_dir=trusted.folder if trusted else None, on_handoff=trusted.evaluate if trusted else None,
-                sandbox=c.sandbox, writable=(scratch,), hidden=hidden_paths(self.lab), readable=readable_paths(),
+                handoff_copy=trusted.model if trusted else None,
+                sandbox=c.sandbox, writable=(scratch,), hidden=hidden_paths(self.lab),
+                readable=(*readable_paths(self.lab), self.worktree / ".git"),  # bound read-only over the writable worktree
                 device_nodes=self.device.nodes(),
                 command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
                 startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
                 env=dict(os.environ), extra_env=extra_env,
-                secret_patterns=self.config.secret_env, log_cap_bytes=int(self.config.log_cap_mb * 2**20),
+                secret_patterns=self.config.secret_env, pass_env=self.config.pass_env,
+                log_cap_bytes=int(self.config.log_cap_mb * 2**20),
                 memory_limit_bytes=int(self.config.memory_limit_gb * 2**30) if self.config.memory_limit_gb else None,
                 on_start=lambda pid, pgid: self.ledger.update(eid, pid=pid, pgid=pgid),
                 on_tick=self.view.tick, python=sys.executable,
@@ -506,10 +528,14 @@ class Loop:
             outcome, reason, printed = result.outcome, result.error, None
             if trusted is not None:
                 printed, metric = metric, trusted.bpb
-                if trusted.rejection or outcome == "ok":  # a rejected model makes the run exit 1 too
+                if trusted.rejection or result.handoff_error or outcome == "ok":  # these make the run exit 1 too
                     problem = trusted.problem(result, printed)
                     if problem:
                         outcome, reason = "invalid", problem
+            tampered = self.wt.restore_gitfile()  # before any git command reads the worktree again
+            if tampered:
+                outcome, reason = "invalid", (f"the run replaced the worktree's .git file with {tampered}: git must "
+                                              "never read what a run wrote (restored)")
             self.ledger.update(
                 eid, outcome=outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
                 cpu_seconds=result.cpu_seconds, eval_seconds=trusted.seconds if trusted else None,
@@ -530,7 +556,8 @@ class Loop:
         return write_trusted_toml(self.lab.state_dir / "trusted" / self.tag, text)
 
     def _judge(self, e: Experiment) -> Experiment:
-        """Keep or discard. Borderline gains earn confirmation runs; the decision uses the means."""
+        """Keep or discard: the runs judge.next_step asks for (the champion beside the candidate, a
+        confirmation), each a ledger row, then its decision."""
         champ = self._champion_row()
         commit, champion_metric = self.champion()
         sigma = None
@@ -540,18 +567,21 @@ class Loop:
             status, reason = "keep", "baseline"
         else:
             assert champ is not None and champion_metric is not None
-            jc = self.config.judge
             simpler = net_lines(e.patch or "") < 0
             while True:
-                sigma = self._sigma()
-                runs = self._runs_of(e, trim=False)
-                v = verdict(runs, self._runs_of(champ), sigma, self.config.metric.direction, jc.k,
-                            jc.confirmations - (len(runs) - 1), simpler)
-                if v.action != "confirm":
+                step = next_step(e, champ, self.ledger.experiments(self.tag), self.config.judge,
+                                 self.config.metric.direction, simpler)
+                if step.action == "resume":  # killed during this judging: finish that run in place
+                    assert step.of is not None
+                    self._execute(step.of.id)
+                elif step.action == "run":
+                    assert step.of is not None
+                    self.view.message(f"#{e.id}: {step.reason}")
+                    self._repeat(step.of, block=None if step.alone else e.id, beside=e if step.of.id != e.id else None)
+                else:
                     break
-                self.view.message(f"#{e.id}: {v.reason}")
-                self._repeat(e)
-            status, reason = v.action, v.reason
+            status, reason, sigma = step.action, step.reason, step.sigma
+            champion_metric = champion_metric if step.reference is None else step.reference
         self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric, sigma=sigma,
                            finished_at=time.time())
         e = self.ledger.get(e.id)

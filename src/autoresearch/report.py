@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .display import clean, markdown_cell
 from .judge import counted_runs, mean, outliers
 from .ledger import Experiment, runs_of
 
@@ -140,7 +142,7 @@ def plot_progress(experiments: list[Experiment], path: Path, metric: str, direct
             ax.step(*zip(*line), where="post", color="#2ca02c", linewidth=1.5, label="champion (mean of its runs)",
                     zorder=1)
         for i, y in kept[1:]:
-            ax.annotate(experiments[i].description[:40], (i, y), textcoords="offset points", xytext=(4, 6),
+            ax.annotate(clean(experiments[i].description, limit=40), (i, y), textcoords="offset points", xytext=(4, 6),
                         fontsize=7, color="#2c6e2c", rotation=20)
     tested = [(i, e.test_metric) for i, e in enumerate(experiments) if e.status == "keep" and e.test_metric is not None]
     if tested:
@@ -194,9 +196,9 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
         metric_s = "" if r["metric"] is None else f"{r['metric']:.6f}"
         delta_s = "" if r["delta"] is None else f"{r['delta']:+.6f}"
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        desc = r["description"].replace("|", "\\|")
+        desc = markdown_cell(r["description"])  # an agent's words: no escapes, no extra columns
         if r["reason"] and r["status"] not in ("keep", "discard"):
-            desc += f" ({r['reason'].replace('|', '/')})"
+            desc += f" ({markdown_cell(r['reason'], limit=500)})"
         desc += runs_note(r)
         test_s = "" if r["test_metric"] is None else f"{r['test_metric']:.6f}"
         lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {test_s} | {r['status']} | {secs} | {desc} |")
@@ -204,9 +206,11 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
     if changes:
         lines += ["", "## Kept changes", ""]
         for e in changes:
-            lines += [f"### #{e.id} {e.description}", ""]
+            lines += [f"### #{e.id} {clean(e.description)}", ""]
             if e.rationale:
-                lines += [e.rationale, ""]
-            lines += ["```diff", (e.patch or "").rstrip(), "```", ""]
+                lines += [clean(e.rationale, one_line=False), ""]
+            body = clean(e.patch, one_line=False).rstrip()
+            fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", body)), default=0))  # never closed early
+            lines += [f"{fence}diff", body, fence, ""]
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return png, md

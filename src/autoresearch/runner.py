@@ -2,19 +2,25 @@
 
 The limit (budget + allowances) runs from spawn, so nothing the code under study does buys it time.
 At the limit, and whenever the main process exits, the whole tree is ended: the process group and
-every descendant seen while running (one that called setsid or outlived its parent goes too). Secrets
-are scrubbed from the environment; output goes to a capped log that keeps its head and its tail; the
+every descendant seen while running (one that called setsid or outlived its parent goes too); in
+every mode the sandbox's wrapper also ends what it contains (bwrap's pid namespace, or the reaper,
+a subreaper that every orphan of the run reparents to). The run gets an allow list of environment
+variables, never a secret (run_env); output goes to a capped log that keeps its head and its tail; the
 outcome is classified from the exit status, the signals and the log. POSIX only (Linux, macOS).
 
 A run can be sandboxed (see sandbox.py), and can hand its trained model to a trusted evaluator: it
-writes the model into the handoff directory and then a file named `ready`; the runner notices `ready`,
-times it from outside and calls the evaluator in a thread while the run waits for `result.json`. The
-code under study can write into that directory too: the evaluator treats what it finds there as
-untrusted (a planted link, an early `ready`) and answers with write_handoff_result.
+writes `model.pt2` into the handoff directory and then a file named `ready`; the runner notices
+`ready`, takes one copy of the model out of the run's reach, times the hand-off after that copy, and
+calls the evaluator on the copy in a thread while the run waits for `result.json`. Everything in
+that directory is the run's: a link, a named pipe or a huge file in place of the model is refused,
+never followed, waited on or read past a cap, and a model changed after its copy was taken makes
+the hand-off void (see _Handoff).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import functools
 import json
@@ -22,8 +28,12 @@ import math
 import os
 import re
 import resource
+import secrets
 import shlex
+import shutil
 import signal as signals
+import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,7 +46,8 @@ from typing import Literal
 
 import psutil
 
-from .config import SECRET_PATTERNS
+from . import settings
+from .config import PASS_ENV, SECRET_PATTERNS
 from .runlog import CappedLog
 from .sandbox import MODES, Confinement, Mode, SandboxUnavailable, confine
 
@@ -54,15 +65,18 @@ _NAN_LOSS = re.compile(r"(?<![a-z])loss(?:[\s:=]+(?:is|was|became|has become|val
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Exit|Iteration)(?::\s.*)?$")
 _KEY_VALUE = re.compile(r"([A-Za-z_][\w.\-/]*)\s*:\s*(.*)$")
 _DASHES = re.compile(rb"^---[ \t\r]*$", re.M)
-_HANDOFF_POLL = 0.1  # seconds between looks for `<handoff_dir>/ready`: the resolution of handoff_seconds
-READY, RESULT = "ready", "result.json"  # the files of the handoff protocol
+_HANDOFF_POLL = 0.1  # seconds between looks for `<handoff_dir>/ready`
+MODEL, READY, RESULT = "model.pt2", "ready", "result.json"  # the files of the handoff protocol
+HANDOFF_MAX_BYTES = 16 * 2**30  # a handed-over model larger than this is refused (the cuda preset's is ~0.1 GiB)
+_COPY_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One experiment to run. Times are in seconds. The sandbox fields are enforced only when bubblewrap
-    runs (RunResult.sandbox == "bwrap"); without it "auto" still gives the run a private TMPDIR inside
-    the scratch directory (the first writable path) and, where it can, a network namespace."""
+    runs (RunResult.sandbox == "bwrap"); without it every mode still gives the run a private TMPDIR and
+    HOME inside the scratch directory (the first writable path) and the reaper that ends its processes,
+    and "auto" adds unshare's network and pid namespaces where it can (see sandbox.py)."""
 
     command: str | Sequence[str]  # a string runs with /bin/sh -c; a sequence is executed directly
     cwd: Path  # where it runs (the experiment's worktree)
@@ -70,9 +84,10 @@ class RunSpec:
     budget: float  # training seconds
     startup_allowance: float = 30.0  # added to the limit: interpreter start, imports, compilation
     eval_allowance: float = 30.0  # added to the limit: the final evaluation
-    env: Mapping[str, str] | None = None  # base environment (None: os.environ), scrubbed of secrets
-    extra_env: Mapping[str, str] = field(default_factory=dict)  # added after scrubbing
-    secret_patterns: Sequence[str] = DEFAULT_SECRET_PATTERNS  # fnmatch on names, case-insensitive
+    env: Mapping[str, str] | None = None  # base environment (None: os.environ), filtered by run_env
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # added after filtering
+    secret_patterns: Sequence[str] = DEFAULT_SECRET_PATTERNS  # never passed: fnmatch on names, any case
+    pass_env: Sequence[str] = PASS_ENV  # the only variables passed (fnmatch, any case); secret_patterns win
     log_cap_bytes: int = 10 * 2**20  # at most this much output is kept: half head, half tail
     memory_limit_bytes: int | None = None  # RLIMIT_AS for the child
     on_start: Callable[[int, int], None] | None = None  # (pid, pgid), right after spawn
@@ -87,7 +102,11 @@ class RunSpec:
     readable: tuple[Path, ...] = ()  # read-only in the sandbox even under a hiding mount (the data cache, the venv)
     device_nodes: tuple[str, ...] | None = None  # GPU device nodes the sandbox binds (None: all there are)
     handoff_dir: Path | None = None  # where the run hands over its model (writable; emptied of stale files)
-    on_handoff: Callable[[Path], None] | None = None  # the evaluator, once, in a thread, when `ready` appears
+    # the evaluator: once, in a thread, given the copy of the model taken when `ready` appeared; what it
+    # returns is the run's answer (result.json): {"val_bpb": ...} or {"error": ...}
+    on_handoff: Callable[[Path], Mapping[str, object]] | None = None
+    handoff_copy: Path | None = None  # where that copy goes, out of the run's reach (None: a temporary file)
+    handoff_max_bytes: int = HANDOFF_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.sandbox not in MODES:
@@ -115,14 +134,29 @@ class RunResult:
     tail: str  # the last lines of the output
     summary: dict[str, float | str]  # the `key: value` lines after the last `---` line
     sandbox: str = "none"  # the confinement in force: "bwrap", "unshare-net" or "none"
-    handoff_seconds: float | None = None  # spawn to the first sight of `<handoff_dir>/ready`
+    handoff_seconds: float | None = None  # spawn to the model's copy taken (or refused) after `ready` appeared
     cpu_seconds: float | None = None  # user + system time of the process tree, as last sampled
+    # what was wrong with the hand-off: a link, a pipe or an oversized file in place of the model
+    # (refused, never scored), or a model the run changed after it was copied
+    handoff_error: str | None = None
 
 
 def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]:
     """A copy of `env` without the variables whose name matches a pattern (fnmatch, any case)."""
     upper = [p.upper() for p in patterns]
     return {k: v for k, v in env.items() if not any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
+
+
+def run_env(env: Mapping[str, str], allow: Iterable[str], deny: Iterable[str]) -> dict[str, str]:
+    """The variables of `env` a run gets: those that match an `allow` pattern and no `deny` pattern
+    (fnmatch, any case). The run's HOME is not the user's (see sandbox.py), so what lives under the
+    real one by default is named: the data cache and, when it exists, the user's site-packages."""
+    upper = [p.upper() for p in allow]
+    passed = {k: v for k, v in scrub_env(env, deny).items() if any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
+    passed.setdefault("AUTORESEARCH_CACHE", str(settings.cache_dir()))
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        passed.setdefault("PYTHONUSERBASE", site.getuserbase())
+    return passed
 
 
 def parse_summary(text: str) -> dict[str, float | str]:
@@ -171,13 +205,14 @@ def kill_group(pgid: int, grace_seconds: float = 3.0) -> None:
 def run_experiment(spec: RunSpec) -> RunResult:
     """Run the command to its end or to the limit and classify what happened. A failing or unstartable
     command is a result, not an exception; KeyboardInterrupt (or an error raised by a callback other
-    than on_handoff) ends the tree and propagates. Sandboxed, the pid given to on_start is bwrap's."""
+    than on_handoff) ends the tree and propagates. The pid given to on_start is the wrapper's (bwrap,
+    unshare or the reaper: see sandbox.py), which leads the run's process group."""
     argv, shell = _argv(spec.command, spec.python)
-    env = scrub_env(os.environ if spec.env is None else spec.env, spec.secret_patterns)
+    env = run_env(os.environ if spec.env is None else spec.env, spec.pass_env, spec.secret_patterns)
     env.setdefault("PYTHONUNBUFFERED", "1")  # otherwise a killed run loses its last lines
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
     log = CappedLog(spec.log_path, spec.log_cap_bytes)
-    handoff = None if spec.handoff_dir is None else _Handoff(Path(spec.handoff_dir), spec.on_handoff)
+    handoff = None if spec.handoff_dir is None else _Handoff(spec)
     box: Confinement | None = None
     try:
         box = _confine(spec, argv, handoff)
@@ -195,6 +230,8 @@ def run_experiment(spec: RunSpec) -> RunResult:
         log.close()
         if box is not None:
             box.close()
+        if handoff is not None:
+            handoff.join()
         return RunResult("crash", None, None, message, 0.0, 0.0, spec.log_path, 0, False, message, {},
                          "none" if box is None else box.mode)
     assert proc.stdout is not None
@@ -220,7 +257,7 @@ def run_experiment(spec: RunSpec) -> RunResult:
     data = spec.log_path.read_bytes()
     memory_hint = _oom_kill_count() > oom_kills or tree.peak_rss >= 0.9 * (
         spec.memory_limit_bytes or psutil.virtual_memory().total)
-    outcome, sig, error = _classify(proc.returncode, shell or box.mode == "bwrap",
+    outcome, sig, error = _classify(proc.returncode, shell or box.mode in ("bwrap", "unshare-net"),
                                     data[-_SCAN_BYTES:].decode("utf-8", "replace"), spec, timed_out, memory_hint)
     starts = [m.start() for m in _DASHES.finditer(data)]
     summary = parse_summary(data[starts[-1]:].decode("utf-8", "replace")) if starts else {}
@@ -230,19 +267,35 @@ def run_experiment(spec: RunSpec) -> RunResult:
     return RunResult(outcome, None if sig is not None else proc.returncode, sig, error, end - start,
                      tree.peak_rss / 2**20, spec.log_path, log.total, log.truncated,
                      "\n".join(tail[-TAIL_LINES:]), summary, box.mode, None if handoff is None else handoff.seen,
-                     tree.cpu_seconds)
+                     tree.cpu_seconds, None if handoff is None else handoff.error)
 
 
 def write_handoff_result(handoff_dir: Path, result: Mapping[str, object]) -> None:
     """Write `<handoff_dir>/result.json` atomically (the run may be reading it) and without following
-    a link the code under study may have planted there: a temporary file renamed over the name."""
-    fd, temporary = tempfile.mkstemp(prefix=".result-", dir=handoff_dir)
+    a link the code under study may have planted there, as the folder or in it."""
+    folder = _open_folder(Path(handoff_dir))
+    try:
+        _write_result(folder, result)
+    finally:
+        os.close(folder)
+
+
+def _open_folder(path: Path) -> int:
+    """A descriptor of the directory `path`, refusing a link in its place (OSError)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _write_result(folder: int, result: Mapping[str, object]) -> None:
+    """result.json in the directory open as `folder`: a fresh temporary file renamed over the name."""
+    temporary = f".result-{os.getpid()}-{secrets.token_hex(6)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(result, f)
-        os.replace(temporary, Path(handoff_dir) / RESULT)
+        os.replace(temporary, RESULT, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=folder)
         raise
 
 
@@ -288,8 +341,7 @@ def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: flo
     while True:
         now = time.monotonic()
         if handoff is not None and now >= next_poll:
-            handoff.poll(now - start)
-            next_poll = now + _HANDOFF_POLL if handoff.seen is None else math.inf
+            next_poll = now + _HANDOFF_POLL if not handoff.poll(start) else math.inf
         if now >= next_sample:
             tree.sample()
             next_sample = now + spec.sample_seconds
@@ -349,40 +401,175 @@ def _classify(returncode: int, wrapped: bool, text: str, spec: RunSpec, timed_ou
     return "crash", sig, (exceptions[-1] if exceptions else fallback)[:500]
 
 
-class _Handoff:
-    """Notices `<dir>/ready`, times it from outside, and runs the trusted evaluator once in a thread."""
+class _Refused(Exception):
+    """The handed-over model cannot be taken; the message says why, for the run and the ledger."""
 
-    def __init__(self, directory: Path, evaluate: Callable[[Path], None] | None) -> None:
-        self.dir, self.evaluate = directory, evaluate
-        self.seen: float | None = None  # seconds from spawn to the first sight of `ready`
+
+class _Handoff:
+    """The hand-off folder from the runner's side. Everything in it is the run's, so:
+
+    - the folder is opened (O_NOFOLLOW) before the run starts and only that descriptor is read; the
+      path must still lead to it when the model is taken, so a link or another folder put in its
+      place is refused, never followed;
+    - when `ready` appears, `model.pt2` is opened relative to it without following a link (one could
+      point at a file the run cannot read, such as another tag's champion in the hidden state
+      directory) and without blocking (a named pipe would hold the evaluator while the run trains
+      on); it must be a regular file of at most handoff_max_bytes, and is copied to handoff_copy, out
+      of the run's reach. The copy is what the evaluator scores, for validation and test;
+    - the hand-off is timed after the copy, so a slow write buys no training time;
+    - a model.pt2 that differs after the run from what was copied (size, inode, change time) voids
+      the hand-off: an honest run never touches it again, and a run that swaps it is an attack.
+
+    `error` says what was wrong; a refused run is answered {"error": ...} like a rejected model.
+    """
+
+    def __init__(self, spec: RunSpec) -> None:
+        assert spec.handoff_dir is not None
+        self.dir, self.evaluate = Path(spec.handoff_dir), spec.on_handoff
+        self.copy_to, self.max_bytes, self.limit = spec.handoff_copy, spec.handoff_max_bytes, spec.limit
+        self.seen: float | None = None  # seconds from spawn to the copy taken (or refused)
+        self.error: str | None = None
         self.thread: threading.Thread | None = None
+        self.folder: int | None = None  # descriptor of the folder, opened before the run starts
+        self.identity: tuple[int, int] = (0, 0)  # its (st_dev, st_ino)
+        self.taken: tuple[int, ...] | None = None  # _version of the model file that was copied
 
     def prepare(self) -> None:
-        """Make the directory and remove a stale `ready` or result, which would fire at once."""
+        """Make the folder (a link or file in its place, left by an earlier attempt, goes first), open
+        it, and remove a stale model, `ready` or result, which would hand over at once."""
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            self.dir.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in (READY, RESULT):
-            (self.dir / name).unlink(missing_ok=True)
+        self.folder = _open_folder(self.dir)
+        info = os.fstat(self.folder)
+        self.identity = (info.st_dev, info.st_ino)
+        for name in (MODEL, READY, RESULT):
+            try:
+                os.unlink(name, dir_fd=self.folder)
+            except FileNotFoundError:
+                pass
+            except OSError:  # a directory: nothing runs yet, and the folder was opened without following links
+                shutil.rmtree(self.dir / name)
 
-    def poll(self, elapsed: float) -> None:
-        if self.seen is None and os.path.lexists(self.dir / READY):
-            self.seen = elapsed
-            if self.evaluate is not None:
-                self.thread = threading.Thread(target=self._run, name="runner-handoff", daemon=True)
-                self.thread.start()
+    def poll(self, start: float) -> bool:
+        """Look for `ready` in the folder; once it is there, take the model in a thread. True from then on."""
+        if self.thread is None and self.folder is not None:
+            try:
+                os.stat(READY, dir_fd=self.folder, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            self.thread = threading.Thread(target=self._run, args=(start,), name="runner-handoff", daemon=True)
+            self.thread.start()
+        return self.thread is not None
 
-    def _run(self) -> None:
-        assert self.evaluate is not None
+    def _run(self, start: float) -> None:
+        temporary = tempfile.mkdtemp(prefix="autoresearch-handoff-") if self.copy_to is None else None
+        target = self.copy_to if temporary is None else Path(temporary) / MODEL
+        assert target is not None and self.folder is not None
         try:
-            self.evaluate(self.dir)
-            error = None if os.path.lexists(self.dir / RESULT) else "the evaluator returned without writing a result"
-        except Exception as exc:  # the evaluator's failure goes to the waiting run, which must not hang
-            error = f"{type(exc).__name__}: {exc}"
-        if error is not None:
-            write_handoff_result(self.dir, {"error": error})
+            try:
+                copy: Path | None = self._take(target, start + self.limit)
+            except _Refused as exc:
+                copy, self.error = None, f"the hand-off was refused: {exc}"
+            self.seen = time.monotonic() - start  # after the copy: writing slowly buys no training time
+            if copy is None:
+                answer: Mapping[str, object] = {"error": self.error}
+            elif self.evaluate is None:
+                return
+            else:
+                try:
+                    answer = self.evaluate(copy) or {"error": "the evaluator returned no result"}
+                except Exception as exc:  # the evaluator's failure goes to the waiting run, which must not hang
+                    answer = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):  # a run that put a folder at result.json waits for nothing
+                _write_result(self.folder, answer)
+        finally:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+
+    def _take(self, target: Path, deadline: float) -> Path:
+        """Copy model.pt2 from the folder to `target`, or raise _Refused."""
+        assert self.folder is not None
+        try:
+            now = _open_folder(self.dir)
+        except OSError as exc:
+            raise _Refused(f"the hand-off folder cannot be opened without following a link ({exc.strerror})") from None
+        try:
+            info = os.fstat(now)
+        finally:
+            os.close(now)
+        if (info.st_dev, info.st_ino) != self.identity:
+            raise _Refused("the hand-off folder was replaced while the run ran")
+        try:
+            source = os.open(MODEL, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.folder)
+        except OSError as exc:
+            raise _Refused(_unopenable(exc)) from None
+        try:
+            info = os.fstat(source)
+            if not stat.S_ISREG(info.st_mode):
+                raise _Refused(f"{MODEL} is {_file_kind(info.st_mode)}, not a regular file")
+            if info.st_size > self.max_bytes:
+                raise _Refused(f"{MODEL} is {info.st_size / 2**30:.2f} GiB, over the {self.max_bytes / 2**30:g} GiB limit")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+            try:
+                with open(partial, "xb") as out:
+                    while chunk := os.read(source, min(_COPY_CHUNK, self.max_bytes + 1 - out.tell())):
+                        if out.tell() + len(chunk) > self.max_bytes:
+                            raise _Refused(f"{MODEL} grew past the {self.max_bytes / 2**30:g} GiB limit while it was copied")
+                        if time.monotonic() > deadline:
+                            raise _Refused(f"copying {MODEL} did not finish within the run's {self.limit:g} s limit")
+                        out.write(chunk)
+                if _version(os.fstat(source)) != _version(info):
+                    raise _Refused(f"{MODEL} changed while it was copied: write it completely before `ready`")
+                os.replace(partial, target)
+            except OSError as exc:
+                raise _Refused(f"{MODEL} could not be copied: {exc}") from None
+            finally:
+                partial.unlink(missing_ok=True)
+            self.taken = _version(info)
+            return target
+        finally:
+            os.close(source)
 
     def join(self) -> None:
+        """Wait for the evaluator to finish; once the run has ended, check that the model it handed
+        over is still the one copied; close the folder."""
         if self.thread is not None:
             self.thread.join()
+        if self.folder is None:
+            return
+        if self.taken is not None and self.error is None:
+            try:
+                now: tuple[int, ...] | None = _version(os.stat(MODEL, dir_fd=self.folder, follow_symlinks=False))
+            except OSError:
+                now = None
+            if now != self.taken:
+                self.error = (f"{MODEL} was {'removed' if now is None else 'changed'} after it was handed over "
+                              "(the copy taken at the hand-off was scored; an honest run leaves the file alone)")
+        os.close(self.folder)
+        self.folder = None
+
+
+def _version(info: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or written: the change time cannot be set back by hand."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _unopenable(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return f"there is no {MODEL} in the hand-off folder"
+    if exc.errno in (errno.ELOOP, errno.EMLINK):  # what O_NOFOLLOW gives for a link (Linux, macOS; FreeBSD)
+        return f"{MODEL} is a symbolic link: the evaluator reads only a file written into the folder"
+    if exc.errno == errno.ENXIO:
+        return f"{MODEL} is a socket, not a regular file"
+    return f"{MODEL} cannot be opened: {exc.strerror}"
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 class _Tree:

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from .display import clean
 from .ledger import Experiment
 from .report import Standing, champion as champion_of
 
@@ -51,38 +52,42 @@ def fmt_delta(e: Experiment) -> str:
 def result_line(e: Experiment) -> str:
     """One line per finished experiment, as the plain view and the logs show it."""
     seconds = f"{e.run_seconds:.0f}s" if e.run_seconds is not None else "-"
-    extra = f"  ({e.reason})" if e.reason and e.status not in ("keep", "discard") else ""
+    extra = f"  ({clean(e.reason, limit=500)})" if e.reason and e.status not in ("keep", "discard") else ""
     return (f"#{e.id:<4} {e.status:<8} {fmt_metric(e.metric):>10} {fmt_delta(e):>10} {seconds:>6}  "
-            f"{e.description}{extra}")
+            f"{clean(e.description)}{extra}")
 
 
 class PlainView:
-    """A line per event: for logs, CI and terminals without live display."""
+    """A line per event: for logs, CI and terminals without live display. Every line is printed as
+    plain text (no rich markup), cleaned of what a run or an agent could use to rewrite the terminal."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False, soft_wrap=True)
 
+    def say(self, line: str) -> None:
+        self.console.print(Text(clean(line)))
+
     def start(self, lab: str, tag: str, agent: str, history: list[Experiment], budget: float) -> None:
-        self.console.print(f"lab {lab}  run {tag}  agent {agent}  budget {budget:g}s  "
-                           f"champion {fmt_champion(champion_of(history))}")
+        self.say(f"lab {lab}  run {tag}  agent {agent}  budget {budget:g}s  "
+                 f"champion {fmt_champion(champion_of(history))}")
 
     def proposing(self) -> None:
         pass
 
     def started(self, e: Experiment, limit: float) -> None:
-        self.console.print(f"#{e.id:<4} running  {e.description}")
+        self.say(f"#{e.id:<4} running  {e.description}")
 
     def tick(self, elapsed: float) -> None:
         pass
 
     def finished(self, e: Experiment, champion: float | None) -> None:
-        self.console.print(result_line(e))
+        self.say(result_line(e))
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.say(text)
 
     def stop(self, reason: str) -> None:
-        self.console.print(f"stopped: {reason}")
+        self.say(f"stopped: {reason}")
 
 
 class LiveView(PlainView):
@@ -110,9 +115,9 @@ class LiveView(PlainView):
         for e in self.recent:
             seconds = f"{e.run_seconds:.0f}s" if e.run_seconds is not None else ""
             table.add_row(str(e.id), Text(e.status, style=STATUS_STYLE.get(e.status, "")), fmt_metric(e.metric),
-                          fmt_delta(e), seconds, e.description[:70])
+                          fmt_delta(e), seconds, Text(clean(e.description, limit=70)))
         head = Text(f"{self.header}   champion {fmt_champion(self.champion)}", style="bold")
-        return Group(head, Text(self.current), self.progress, table)
+        return Group(head, Text(clean(self.current)), self.progress, table)
 
     def _refresh(self) -> None:
         self.live.update(self._render())
@@ -150,7 +155,7 @@ class LiveView(PlainView):
         self._refresh()
 
     def message(self, text: str) -> None:
-        self.live.console.print(text)
+        self.live.console.print(Text(clean(text)))
 
     def stop(self, reason: str) -> None:
         self.current = f"stopped: {reason}"

