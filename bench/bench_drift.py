@@ -1,6 +1,6 @@
 """False keeps on a machine whose load starts and stops (not a test: prints figures).
 
-    python bench/bench_drift.py [--target fake|tiny] [--noops 20] [--period 40] [--busy N] [--nights 1]
+    python bench/bench_drift.py [--target fake|tiny|sim] [--noops 20] [--period 40] [--busy N] [--nights 1]
 
 `--noops` experiments that change only a comment, all from the same champion, while a competing load
 starts and stops: `--busy` busy loops (default one per core) run for `--period` seconds, then none for
@@ -19,19 +19,26 @@ budget (2.5 s of wall clock) and scores 1 + 4/sqrt(steps), like val_bpb under a 
 (fewer steps when another job shares the machine; identical scores for identical step counts). It
 measures the judge on the drift a shared CPU causes, in seconds per run instead of minutes.
 --target tiny: the built-in task at the tiny preset (budget --budget, 5 s), with the trusted evaluator.
+--target sim: no runs at all; `judge.next_step` on ledgers made up in memory (Gaussian noise of σ 0.01,
+drift of 10 σ with the cores it comes with), `--nights` nights per rule and scenario (default 400):
+the rules' false keeps and extra runs as the numbers of nights grow, in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +48,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), os.e
 from rich.console import Console
 
 from autoresearch.agents import make_agent
-from autoresearch.judge import block_of, cores
+from autoresearch.judge import JudgeConfig, block_of, cores, next_step
 from autoresearch.lab import find_lab, init_lab, init_target
 from autoresearch.ledger import Experiment, Ledger
 from autoresearch.loop import Loop, RunOptions, ledger_path
@@ -185,15 +192,20 @@ def night(args: argparse.Namespace, tmp: Path, rule: str, n: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=("fake", "tiny"), default="fake")
+    parser.add_argument("--target", choices=("fake", "tiny", "sim"), default="fake")
     parser.add_argument("--noops", type=int, default=20)
     parser.add_argument("--period", type=float, default=40.0, help="seconds on, then as many off")
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy loops while the load is on")
-    parser.add_argument("--nights", type=int, default=1, help="nights per rule")
+    parser.add_argument("--nights", type=int, default=None, help="nights per rule (default 1; sim: 400)")
     parser.add_argument("--budget", type=float, default=5.0, help="--target tiny: training seconds")
+    parser.add_argument("--gain", type=float, default=0.0, help="--target sim: real gains of this many σ instead")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--log", type=Path, default=Path("bench_drift.log"))
     args = parser.parse_args()
+    if args.target == "sim":
+        simulate(args.noops, args.nights or 400, args.gain)
+        return
+    args.nights = args.nights or 1
     os.nice(10)  # the machine is shared: its other jobs come first; the runs and busy loops inherit this
     args.log.write_text("")
     print(f"target {args.target}, {args.noops} no-ops, load: {args.busy} busy loop(s) {args.period:g} s on / "
@@ -228,6 +240,79 @@ def report(rule: str, n: int, rows: list[Experiment], loaded: list[bool], second
           flush=True)
     for e in keeps:
         print(f"    kept #{e.id} {e.description}: {e.reason}", flush=True)
+
+
+
+# -- the simulation: judge.next_step on made-up ledgers --------------------------------------------
+
+Drift = Callable[[int], tuple[float, float]]  # run number -> (metric offset, cores) of the machine then
+SCENARIOS: dict[str, Drift] = {
+    "quiet machine": lambda t: (0.0, 1.0),
+    "loaded baseline, then quiet": lambda t: (0.1, 0.67) if t < 4 else (0.0, 1.0),
+    "load on/off every 6 runs": lambda t: (0.1, 0.67) if (t // 6) % 2 == 0 else (0.0, 1.0),
+    "on/off every 6 runs, cores blind": lambda t: (0.1, 1.0) if (t // 6) % 2 == 0 else (0.0, 1.0),
+}
+SIM_RULES = {"original": JudgeConfig(mode="strict"), "issue 5": JudgeConfig(paired=False, sigma_floor=0),
+             "paired": JudgeConfig()}
+ROW = Experiment(id=0, run_id=1, tag="t", kind="experiment", parent_commit="a", commit_sha="a", agent="x",
+                 description="", rationale=None, patch=None, status="running", reason=None, metric=None,
+                 champion_metric=None, summary_json=None, memory_gb=None, propose_seconds=None, run_seconds=100.0,
+                 evaluate_seconds=None, log_path=None, pid=None, pgid=None, created_at=0.0, started_at=None,
+                 finished_at=None, lines_changed=0, outcome="ok", meta_json=None)
+
+
+def sim_night(config: JudgeConfig, rng: random.Random, load: Drift, noops: int, gain: float = 0.0,
+              sigma: float = 0.01) -> tuple[int, int]:
+    """(experiments kept, extra runs) of one night: the loop's sequence (baseline and its repeats, a
+    re-measurement every `remeasure_every`, the runs next_step asks for) on rows made up in memory;
+    each experiment is better than its champion by `gain` σ (0: a no-op)."""
+    rows: list[Experiment] = []
+    level = {1: 1.0}  # each commit's true metric
+
+    def add(kind: str, level: float, of: int | None = None, meta: dict[str, object] | None = None,
+            status: str = "measured") -> Experiment:
+        offset, share = load(len(rows))
+        e = replace(ROW, id=len(rows) + 1, kind=kind, repeat_of=of, status=status, cpu_seconds=100.0 * share,
+                    metric=level + offset + rng.gauss(0, sigma), meta_json=json.dumps(meta) if meta else None)
+        rows.append(e)
+        return e
+
+    champion = add("baseline", 1.0, status="keep")
+    for _ in range(config.repeats - 1 if config.mode == "noise" else 0):
+        add("repeat", level[champion.id], champion.id, {"block": champion.id})
+    keeps = extra = since = 0
+    for _ in range(noops):
+        if config.mode == "noise" and since >= config.remeasure_every:
+            add("repeat", level[champion.id], champion.id, {"block": None})
+            extra, since = extra + 1, 0
+        e = add("experiment", level[champion.id] - gain * sigma, status="running")
+        level[e.id] = level[champion.id] - gain * sigma
+        since += 1
+        while (step := next_step(e, champion, rows, config, "min", False)).action == "run":
+            assert step.of is not None
+            beside = {"for": e.id} if step.of.id == champion.id else {}
+            add("repeat", level[step.of.id], step.of.id, {"block": None if step.alone else e.id, **beside})
+            extra += 1
+            since = 0 if step.of.id == champion.id else since
+        rows[e.id - 1] = replace(e, status=step.action)
+        if step.action == "keep":
+            keeps, champion = keeps + 1, rows[e.id - 1]
+    return keeps, extra
+
+
+def simulate(noops: int, nights: int, gain: float) -> None:
+    print(f"simulation: {noops} no-ops a night, {nights} nights per rule and scenario, σ 0.01, drift 0.1 "
+          "(loaded: 0.67 of the cores, except where the cores are blind to it)")
+    for name, load in SCENARIOS.items():
+        for rule, config in SIM_RULES.items():
+            rng = random.Random(1)
+            got = [sim_night(config, rng, load, noops, gain) for _ in range(nights)]
+            keeps = [k for k, _ in got]
+            what = (f"false keeps per night {statistics.mean(keeps):.3f}, nights with one or more "
+                    f"{sum(1 for k in keeps if k) / nights:.1%}" if not gain else
+                    f"gains of {gain:g} σ kept {statistics.mean(keeps) / noops:.1%}")
+            cost = statistics.mean(x for _, x in got) / noops
+            print(f"{name:34s} {rule:8s} {what}; extra runs per experiment {cost:.2f}", flush=True)
 
 
 if __name__ == "__main__":

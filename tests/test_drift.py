@@ -84,16 +84,16 @@ def drifting(root: Path, schedule: list[list[object]]) -> tuple[Path, str]:
 
 
 def night(tmp_path: Path, name: str, schedule: list[list[object]], changes: list[Change],
-          judge: str = "") -> list[Experiment]:
-    """One night of the changes on the drifting target; `judge`: lines put into [judge]."""
+          settings: str = "") -> list[Experiment]:
+    """One night of the changes on the drifting target; `settings`: lines put into [judge]."""
     root = tmp_path / name
     repo, program = drifting(root, schedule)
     patches = [change(program) for change in changes]
-    if judge:
+    if settings:
         toml = repo / "autoresearch.toml"
         lines = [line for line in toml.read_text().splitlines(True)
-                 if not line.startswith(tuple(k.split(" ")[0] for k in judge.splitlines()))]
-        text = "".join(lines).replace("[judge]\n", f"[judge]\n{judge}")
+                 if not line.startswith(tuple(k.split(" ")[0] for k in settings.splitlines()))]
+        text = "".join(lines).replace("[judge]\n", f"[judge]\n{settings}")
         toml.write_text(text)
         git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "judge settings")
     run_loop(repo, f"patches:{write_patches(root / 'patches', patches)}")
@@ -226,7 +226,7 @@ def test_kill_9_while_the_champion_runs_beside_a_candidate(tmp_path: Path) -> No
     stuck = experiments(repo)
     held = [e for e in stuck if e.status == "running" and e.kind == "repeat"]
     assert len(held) == 1 and " beside #" in held[0].description
-    done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr
     rows = experiments(repo)
     assert all(e.status not in ("running", "pending") for e in rows), [(e.id, e.status) for e in rows]

@@ -395,7 +395,7 @@ def _paired(candidate: Experiment, champion: Experiment, history: list[Experimen
     full = len(own) + remeasured >= cap
     if not any(role == "H" for role, _ in episode):
         return _screen(candidate, champion, [e for _, e in window], latest, level, sigma, direction, simpler, full,
-                       remeasured)
+                       remeasured, retried=len(episode) > 1)
     series = [(role, e.metric) for role, e in window if e.metric is not None]
     unpaired = Step("discard", f"the machine kept changing: no pairs in {len(own)} runs", sigma=sigma, reference=level)
     if not series or series[-1][0] == "C":
@@ -431,17 +431,18 @@ def _paired(candidate: Experiment, champion: Experiment, history: list[Experimen
 
 
 def _screen(candidate: Experiment, champion: Experiment, own: list[Experiment], latest: list[Experiment],
-            level: float, sigma: float, direction: str, simpler: bool, full: bool, remeasured: bool) -> Step:
+            level: float, sigma: float, direction: str, simpler: bool, full: bool, remeasured: bool,
+            retried: bool) -> Step:
     """Before any paired run: is the candidate worth measuring beside the champion? Its runs against the
     champion's latest; one standard error of promise is enough (the decision is the pairs'). A run with
-    far fewer cores than the champion's latest is run again first. If the candidate's runs and the
+    far fewer cores than the champion's latest is run again first (once). If the candidate's runs and the
     champion's latest differ in cores (the machine changed since, or the change keeps fewer or more
     cores busy by itself), the champion is measured again first, once, so that the screen compares like
     with like: a machine that got faster must not pair every candidate, one that got slower must not
     discard every gain."""
     ran = [c for c in (cores(x) for x in own) if c is not None]
     usual = [c for c in (cores(x) for x in latest) if c is not None]
-    if len(own) == 1 and ran and usual and ran[0] < DISTURBED_SHARE * max(usual) and not full:
+    if not retried and ran and usual and ran[0] < DISTURBED_SHARE * max(usual) and not full:
         return Step("run", f"its run had {ran[0]:.2f} cores against the champion's {max(usual):.2f}: the machine "
                     "was shared, running it again", of=candidate, sigma=sigma)
     if ran and usual and not remeasured and not full:

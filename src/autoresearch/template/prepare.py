@@ -298,9 +298,10 @@ def hand_off(model, folder):
         trained; that is why the sandbox hides the val and test shards from the run;
       - a graph can be slow or hungry: the evaluator runs under a time limit, and a model that
         exceeds it, or takes the evaluator's process down, is rejected;
-      - the causality check replaces the future at up to 64 positions per row (every position at
-        the tiny preset's T = 64), not all of them: a model that looks ahead at a few positions
-        only may pass, and gains only at those positions;
+      - the causality check cuts the future of up to 64 rows per evaluation at one position each,
+        in passes shaped like the scoring passes and mixed in among them: a model that looks ahead
+        at a few positions only may escape one evaluation (about 13% at 8 positions of 256), and
+        gains only at those positions; see autoresearch.evaluator for what it checks;
       - custom operators registered by train.py (torch.library, C++ extensions) do not exist in the
         evaluator's process, so such a model is rejected rather than run;
       - on CUDA with FlashAttention-3 the attention kernel is not an ATen operator: export fails or
