@@ -162,3 +162,123 @@ def test_train_before_prepare_says_run_prepare(tmp_path: Path) -> None:
 def test_module_entry_point_version(tmp_path: Path) -> None:
     proc = run_cli("--version", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("autoresearch ")
+
+
+# ---------------------------------------------------------------------------
+# run: several agents, workers, Ray
+# ---------------------------------------------------------------------------
+
+
+class CapturedLoop:
+    """Stands in for loop.Loop: keeps what `run` built, runs nothing."""
+
+    last: CapturedLoop | None = None
+
+    def __init__(self, lab, agent, options, ledger, view) -> None:  # type: ignore[no-untyped-def]
+        self.lab, self.agent, self.options = lab, agent, options
+        CapturedLoop.last = self
+
+    def run(self) -> str:
+        return "captured"
+
+    def champion(self) -> tuple[str | None, float | None]:
+        return None, None
+
+
+@pytest.fixture
+def target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from test_loop import make_target
+
+    from autoresearch import loop
+
+    repo = make_target(tmp_path)
+    (tmp_path / "ideas").mkdir()
+    (tmp_path / "ideas" / "01.patch").write_text("an idea\n")
+    monkeypatch.setattr(loop, "Loop", CapturedLoop)
+    monkeypatch.chdir(repo)
+    CapturedLoop.last = None
+    return repo
+
+
+def captured(*argv: str) -> CapturedLoop:
+    assert main(["run", "--tag", "t", "--plain", *argv]) == 0
+    assert CapturedLoop.last is not None
+    return CapturedLoop.last
+
+
+def test_one_agent_runs_as_before(target: Path) -> None:
+    from autoresearch.agents import AgentPool
+
+    run = captured("--agent", "hparam")
+    assert not isinstance(run.agent, AgentPool) and run.agent.name == "hparam"
+    assert run.options.workers is None and run.options.ray is None and run.options.tag == "t"
+    assert not isinstance(captured().agent, AgentPool)  # [agent]'s name: hparam
+
+
+def test_several_agents_share_the_run(target: Path) -> None:
+    from autoresearch.agents import AgentPool
+
+    ideas = target.parent / "ideas"
+    run = captured("--agent", "hparam", "--agent", f"patches:{ideas}", "--agent", "hparam")
+    assert isinstance(run.agent, AgentPool)
+    assert run.agent.names == ("hparam", f"patches:{ideas}", "hparam#2") and run.agent.weights == (1.0, 1.0, 1.0)
+
+
+def test_agents_entries_make_the_pool_without_agent(target: Path) -> None:
+    from autoresearch.agents import AgentPool
+
+    ideas = target.parent / "ideas"
+    toml = target / "autoresearch.toml"
+    toml.write_text(toml.read_text() + f'\n[[agents]]\nname = "hparam"\nweight = 2\nseed = 9\n'
+                                       f'\n[[agents]]\nname = "patches:{ideas}"\n')
+    run = captured()
+    assert isinstance(run.agent, AgentPool) and run.agent.weights == (2.0, 1.0)
+    assert run.agent.agents[0].seed == 9  # type: ignore[attr-defined]
+    chosen = captured("--agent", "hparam")  # --agent wins, with the options and weight of its entry
+    assert not isinstance(chosen.agent, AgentPool) and chosen.agent.seed == 9  # type: ignore[attr-defined]
+    both = captured("--agent", f"patches:{ideas}", "--agent", "hparam")
+    assert isinstance(both.agent, AgentPool) and both.agent.weights == (1.0, 2.0)
+
+
+def test_a_bad_agents_entry_is_one_line(target: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = target / "autoresearch.toml"
+    toml.write_text(toml.read_text() + '\n[[agents]]\nname = "hparam"\n[[agents]]\nname = "gpt-x"\n')
+    assert main(["run", "--tag", "t"]) == 1
+    assert "unknown agent 'gpt-x'" in one_line_error(capsys)
+    toml.write_text(toml.read_text() + '\n[[agents]]\nname = "hparam"\nweight = 0\n')
+    assert main(["run", "--tag", "t"]) == 1
+    assert "`weight` must be a number above 0" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv,workers,ray", [
+    (["--workers", "3"], 3, None),
+    (["--workers", "auto"], 0, None),
+    (["--workers", "1", "--ray", "auto"], 1, "auto"),
+    (["--ray", "10.0.0.2:6379"], None, "10.0.0.2:6379"),
+])
+def test_workers_and_ray_reach_the_run_options(target: Path, argv: list[str], workers: int | None,
+                                               ray: str | None) -> None:
+    run = captured(*argv)
+    assert (run.options.workers, run.options.ray) == (workers, ray)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "0"], "error: --workers must be a positive number or auto"),
+    (["--workers", "-2"], "error: --workers must be a positive number or auto"),
+    (["--workers", "many"], "error: --workers must be a positive number or auto"),
+    (["--ray", "10.0.0.2"], "error: --ray must be auto or HOST:PORT, not '10.0.0.2' (e.g. --ray 10.0.0.2:6379"),
+    (["--ray", "host:port"], "error: --ray must be auto or HOST:PORT"),
+])
+def test_bad_workers_and_ray_are_one_line(target: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                          message: str) -> None:
+    assert main(["run", "--tag", "t", *argv]) == 1
+    assert one_line_error(capsys).startswith(message)
+    assert CapturedLoop.last is None  # nothing started
+
+
+def test_run_help_names_the_new_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "--workers N|auto" in out and "--ray ADDRESS" in out and "[[agents]]" in out
+    assert "repeat it to let several agents share the run" in out

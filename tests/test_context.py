@@ -90,8 +90,8 @@ def test_prompt_holds_brief_files_rules_and_rows() -> None:
     rows = table_rows(prompt)
     assert sorted(rows) == [e.id for e in history]
     e = history[3]
-    assert rows[e.id].startswith(f"| {e.id} | {e.status} | ")
-    assert rows[1] == "| 1 | keep (baseline) | 1.100000 | - | 0 | baseline |"
+    assert rows[e.id].startswith(f"| {e.id} | test | {e.status} | ")
+    assert rows[1] == "| 1 | test | keep (baseline) | 1.100000 | - | 0 | baseline |"
     # the example in the system prompt parses
     example = prompt.system[prompt.system.index("DESCRIPTION: raise the learning rate"):]
     assert parse_reply(example).blocks[0].path == "model.py"
@@ -100,7 +100,7 @@ def test_prompt_holds_brief_files_rules_and_rows() -> None:
 def test_delta_is_signed_against_the_champion_of_its_time() -> None:
     e = experiment(id=7, status="discard", metric=1.0125, champion_metric=1.0100, description="a | b", lines_changed=3)
     table = history_table([e], None)
-    assert "| 7 | discard | 1.012500 | +0.002500 | 3 | a \\| b |" in table
+    assert "| 7 | test | discard | 1.012500 | +0.002500 | 3 | a \\| b |" in table
 
 
 def test_kept_diffs_most_recent_first_and_near_misses() -> None:
@@ -194,8 +194,28 @@ def test_history_table_summary_groups() -> None:
     assert f"Experiments 1-{older[-1].id}, summarised" in table
     discards = [e for e in older if e.status == "discard"]
     assert f"- {len(discards)} discard (best #" in table
-    assert all(f"| {e.id} | keep" in table for e in kept)
+    assert all(f"| {e.id} | test | keep" in table for e in kept)
     assert history_table([], None) == "No experiments yet."
     higher = history_table(history, 5, direction="max")
     best_max = max(discards, key=delta)
-    assert f"discard (best #{best_max.id}:" in higher
+    assert f"discard (best #{best_max.id} by test:" in higher
+
+
+def test_every_row_and_diff_says_which_agent_proposed_it() -> None:
+    history = synthetic_history(30)
+    agents = ["hparam", "openai:gpt-x", "claude-code"]
+    history = [dataclasses.replace(e, agent=agents[e.id % 3] if e.kind == "experiment" else "hparam+openai:gpt-x")
+               for e in history]
+    history.append(experiment(id=31, status="discard", metric=1.2, champion_metric=1.1, description="pipes",
+                              agent="evil | agent\n\x1b[2Jname " + "x" * 100))
+    prompt = build_prompt(context(history), max_chars=1_000_000)
+    rows = table_rows(prompt)
+    for e in history[:-1]:
+        assert rows[e.id].startswith(f"| {e.id} | {e.agent} | "), rows[e.id]
+    assert rows[31].count(" | ") == 6 and "evil \\| agent" in rows[31]  # its pipe adds no column, its newline no row
+    assert len(rows[31]) < 120  # the name is cut
+    assert "Several agents share this run" in prompt.user
+    kept = [e for e in history if e.status == "keep" and e.kind == "experiment"]
+    assert kept and all(f"### #{e.id}: " in prompt.user and f", by {e.agent})" in prompt.user for e in kept)
+    one = build_prompt(context([dataclasses.replace(e, agent="hparam") for e in history[:-1]]), max_chars=1_000_000)
+    assert "Several agents" not in one.user

@@ -147,3 +147,90 @@ def test_hostile_descriptions_and_reasons_are_shown_as_plain_text(tmp_path: Path
     live.start("lab", "t", "a", [e], 10)
     live.finished(e, None)  # a hostile "[/]" raised MarkupError here before
     live.stop("done")
+
+
+# ---------------------------------------------------------------------------
+# Several agents, several workers
+# ---------------------------------------------------------------------------
+
+
+def community(path: Path, tag: str = "t") -> list[Experiment]:
+    """A run shared by hparam and an LLM, on two workers: a baseline, then 5 experiments."""
+    with Ledger(path) as ledger:
+        run = ledger.start_run(tag, "hparam+openai:gpt-x", {})
+
+        def add(agent: str, status: str, metric: float | None, champion: float | None, **fields: object) -> None:
+            ledger.add(run_id=run, tag=tag, kind=fields.pop("kind", "experiment"), parent_commit="a" * 40,
+                       commit_sha="b" * 40, agent=agent, description=f"{agent} {status}", status=status,
+                       outcome="ok" if metric is not None else "crash", metric=metric, champion_metric=champion,
+                       **fields)
+
+        add("hparam+openai:gpt-x", "keep", 2.0, None, kind="baseline", worker="w0", node="local")
+        add("hparam", "keep", 1.9, 2.0, worker="w0", node="local")
+        add("openai:gpt-x", "discard", 1.95, 1.9, worker="w1", node="10.0.0.2", cost_usd=0.25)
+        add("openai:gpt-x", "keep", 1.8, 1.9, worker="w1", node="10.0.0.2", cost_usd=0.5)
+        add("hparam", "crash", None, 1.8, worker="w0", node="local")
+        add("openai:gpt-x", "keep", 1.75, 1.8, worker="w0", node=None, cost_usd=0.25)
+        return ledger.experiments(tag)
+
+
+def test_per_agent_tallies_proposals_keeps_gain_and_cost(tmp_path: Path) -> None:
+    from autoresearch.report import AgentTally, per_agent
+
+    history = community(tmp_path / "l.db")
+    hparam, llm = per_agent(history, "min")  # the baseline is no agent's proposal
+    assert hparam == AgentTally("hparam", proposals=2, keeps=1, gain=pytest.approx(0.1), cost=None)
+    assert llm == AgentTally("openai:gpt-x", proposals=3, keeps=2, gain=pytest.approx(0.15), cost=pytest.approx(1.0))
+    assert hparam.cost_text() == "—" and llm.cost_text() == "$1.00"
+    higher = {t.agent: t.gain for t in per_agent(history, "max")}  # higher is better: these were losses
+    assert higher == {"hparam": pytest.approx(-0.1), "openai:gpt-x": pytest.approx(-0.15)}
+    assert per_agent([], "min") == []
+
+
+def test_status_shows_where_each_ran_and_each_agents_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_target(tmp_path)
+    community(ledger_path(find_lab(repo)))
+    monkeypatch.chdir(repo)
+    assert main(["status", "--tag", "t"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if " id " in line and "description" in line)
+    assert "where" in header and "agent" in header
+    assert "w0@local" in out and "w1@10.0.0.2" in out and "│ w0 " in out  # a node unknown: the worker alone
+    assert "per agent" in out and "proposals" in out and "$1.00" in out and "—" in out
+    assert "+0.150000" in out and "+0.100000" in out
+    assert main(["status", "--tag", "t", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["where"] for r in data["experiments"]] == ["w0@local", "w0@local", "w1@10.0.0.2", "w1@10.0.0.2",
+                                                         "w0@local", "w0"]
+    assert [(a["agent"], a["proposals"], a["keeps"]) for a in data["agents"]] == [("hparam", 2, 1), ("openai:gpt-x", 3, 2)]
+
+
+def test_status_without_workers_or_a_second_agent_looks_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    repo = make_target(tmp_path)
+    record(ledger_path(find_lab(repo)))
+    monkeypatch.chdir(repo)
+    assert main(["status", "--tag", "t"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if " id " in line and "description" in line)
+    assert "where" not in header and "agent" not in header and "per agent" not in out
+
+
+def test_report_breaks_a_shared_run_down_per_agent(tmp_path: Path) -> None:
+    history = community(tmp_path / "l.db")
+    _, md = write_report(history, tmp_path / "out", "val_bpb", "min", "t")
+    report = md.read_text()
+    assert "## Agents" in report and "| agent | proposals | keeps | gain | cost |" in report
+    assert "| hparam | 2 | 1 | +0.100000 | — |" in report
+    assert "| openai:gpt-x | 3 | 2 | +0.150000 | $1.00 |" in report
+    assert "(by openai:gpt-x)" in report  # a kept change says whose it was
+    _, alone = write_report(record(tmp_path / "m.db"), tmp_path / "alone", "val_bpb", "min", "t")
+    assert "## Agents" not in alone.read_text() and "(by " not in alone.read_text()
+
+
+def test_cost_text_keeps_small_costs_readable() -> None:
+    from autoresearch.report import AgentTally
+
+    assert AgentTally("a", 1, 0, 0.0, 0.0042).cost_text() == "$0.0042"
+    assert AgentTally("a", 1, 0, 0.0, 12.345).cost_text() == "$12.35"

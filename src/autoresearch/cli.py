@@ -13,11 +13,16 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, settings
 from .errors import AutoresearchError, ConfigError
 from .lab import find_lab, init_lab
 from .presets import PRESETS
+
+if TYPE_CHECKING:
+    from .agents import Agent
+    from .config import LabConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -105,8 +110,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     Stops at --max-experiments (the total for the tag, so re-running the same command after a
     crash finishes the plan), at --hours, when the agent runs out of ideas, or on Ctrl-C (once:
     finish the current experiment; twice: abandon it). Running it again resumes the same tag.
+
+    Several agents can share the run: give --agent more than once, or list them as [[agents]]
+    entries in autoresearch.toml (each a name, a weight and its own options; used when no --agent
+    is given). They take turns in proportion to their weights (1 each for --agent specs that no
+    entry names), each sees every experiment and who proposed it, and `status` and `report` break
+    the results down per agent.
+
+    --workers runs several experiments at once on this machine (auto: one per GPU); --ray runs
+    them on a Ray cluster, one per GPU.
     """
-    from .agents import make_agent
     from .ledger import Ledger
     from .loop import Loop, RunOptions, default_tag, ledger_path
 
@@ -115,11 +128,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget must be positive seconds, not {args.budget:g}")
     if args.max_cost is not None and args.max_cost <= 0:
         raise ConfigError(f"--max-cost must be positive dollars, not {args.max_cost:g}")
+    workers, ray = _workers(args.workers), _ray(args.ray)
     tag = args.tag or default_tag(lab)
-    agent = make_agent(args.agent or lab.config.agent, lab.root, lab.config.agent_options,
-                       editable=lab.config.editable, tag=tag, base_url=args.base_url)
+    agent = _agent(args.agent, lab.config, tag, args.base_url)
     options = RunOptions(tag=tag, budget=args.budget, max_experiments=args.max_experiments, hours=args.hours,
-                         max_cost=args.max_cost)
+                         max_cost=args.max_cost, workers=workers, ray=ray)
     with Ledger(ledger_path(lab)) as ledger:
         loop = Loop(lab, agent, options, ledger, _view(args.plain))
         reason = loop.run()
@@ -130,19 +143,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(specs: list[str] | None, config: LabConfig, tag: str, base_url: str | None) -> Agent:
+    """The run's agent: the --agent specs (each with the options of the [[agents]] entry of that
+    name, else [agent]'s), else the [[agents]] entries, else [agent]'s name; several make a pool."""
+    from .agents import make_agents
+    from .config import AgentSpec
+
+    if specs:
+        entries = {e.spec: e for e in reversed(config.agents)}  # the first entry of a name
+        chosen = [entries.get(s) or AgentSpec(s, 1.0, config.agent_options) for s in specs]
+    else:
+        chosen = list(config.agents) or [AgentSpec(config.agent, 1.0, config.agent_options)]
+    return make_agents(chosen, config.root, editable=config.editable, tag=tag, base_url=base_url)
+
+
+def _workers(value: str | None) -> int | None:
+    """--workers: a positive count, or auto (0: one per GPU)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        return 0
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError("--workers must be a positive number or auto")
+    return count
+
+
+def _ray(value: str | None) -> str | None:
+    """--ray: auto (the cluster `ray start` made on this machine) or HOST:PORT."""
+    if value is None or value == "auto":
+        return value
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--ray must be auto or HOST:PORT, not {value!r}",
+                          "e.g. --ray 10.0.0.2:6379, the address `ray start --head` printed")
+    return value
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show every experiment: id, commit, metric, change vs the champion, status, seconds, description."""
-    from .report import champion, runs_note, status_rows
+    """Show every experiment: id, commit, metric, change vs the champion, status, seconds, description.
+
+    When several agents share the run, each row names its agent and a second table gives each
+    agent's proposals, keeps, summed gain over the champion and cost; when experiments ran on
+    several workers, `where` says which worker and node ran each (w1@local, w0@10.0.0.2).
+    """
+    from dataclasses import asdict
+
+    from .report import champion, per_agent, runs_note, status_rows
 
     lab, tag, experiments = _recorded(args)
     rows, best = status_rows(experiments), champion(experiments)
+    tallies = per_agent(experiments, lab.config.metric.direction)
     metric_name = lab.config.metric.name
     if args.json:
         import json
 
         figure = None if best is None else {"id": best.experiment.id, "commit": best.experiment.short_commit,
                                             "metric_name": metric_name, "metric": best.metric, "runs": best.runs}
-        print(json.dumps({"tag": tag, "champion": figure, "experiments": rows}, indent=2))
+        print(json.dumps({"tag": tag, "champion": figure, "experiments": rows,
+                          "agents": [asdict(t) for t in tallies]}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -155,20 +217,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"champion {metric_name} {best.describe()} at {best.experiment.short_commit} (#{best.experiment.id})"
     table = Table(title=f"run {tag}" + (f" (sandbox: {', '.join(modes)})" if modes else ""), header_style="bold",
                   caption=caption)
-    for name in ("id", "commit", "metric", "delta", "test", "status", "seconds", "description"):
+    several = len(tallies) > 1
+    placed = any(r["where"] for r in rows)
+    columns = ("id", "commit", "metric", "delta", "test", "status", "seconds", *(("agent",) if several else ()),
+               *(("where",) if placed else ()), "description")
+    for name in columns:
         table.add_column(name, justify="right" if name in ("id", "metric", "delta", "test", "seconds") else "left")
     for r in rows:
+        extra = ([Text(clean(r["agent"], limit=40))] if several else []) + ([Text(clean(r["where"] or ""))] if placed else [])
         table.add_row(str(r["id"]), r["commit"], "" if r["metric"] is None else f"{r['metric']:.6f}",
                       "" if r["delta"] is None else f"{r['delta']:+.6f}",
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
-                      "" if r["seconds"] is None else f"{r['seconds']:.0f}",
+                      "" if r["seconds"] is None else f"{r['seconds']:.0f}", *extra,
                       Text(clean(r["description"]) + (f" ({clean(r['reason'], limit=500)})" if r["reason"]
                                                         and r["status"] not in ("keep", "discard") else ""))
                       + runs_note(r)
                       + (" (left out: far off the other runs of this commit)" if r["left_out"] else "")
                       + (f" (disturbed: it kept {r['cores']:.1f} cores busy where this run's experiments "
                          f"typically keep {r['disturbed']:.1f}; another job shared the machine)" if r["disturbed"] else ""))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    if several:
+        agents = Table(title="per agent", header_style="bold",
+                       caption=f"gain: what its kept experiments improved {metric_name} by, summed (positive is better)")
+        for name in ("agent", "proposals", "keeps", "gain", "cost"):
+            agents.add_column(name, justify="left" if name == "agent" else "right")
+        for t in tallies:
+            agents.add_row(Text(clean(t.agent)), str(t.proposals), str(t.keeps), f"{t.gain:+.6f}", t.cost_text())
+        console.print(agents)
     return 0
 
 
@@ -280,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help="override the lab's training seconds for this run")
 
     p = add("run", cmd_run)
-    p.add_argument("--agent", default=None,
-                   help="hparam (default, no LLM), openai:MODEL, anthropic:MODEL, claude-code, codex or patches:DIR")
+    p.add_argument("--agent", action="append", default=None, metavar="SPEC",
+                   help="hparam (default, no LLM), openai:MODEL, anthropic:MODEL, claude-code, codex or patches:DIR; "
+                        "repeat it to let several agents share the run")
     p.add_argument("--base-url", default=None,
                    help="an OpenAI-compatible server for openai:MODEL (vLLM, Ollama, llama.cpp, LM Studio, OpenRouter)")
     p.add_argument("--max-cost", type=float, default=None, help="stop when the agent has cost this many dollars")
@@ -290,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, default=None, help="stop after this many hours")
     p.add_argument("--tag", default=None, help="name of the run (default: the latest run, else today's date)")
     p.add_argument("--plain", action="store_true", help="print a line per experiment instead of the live view")
+    p.add_argument("--workers", default=None, metavar="N|auto",
+                   help="experiments at once on this machine (default 1; auto: one per GPU, 1 without a GPU)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run experiments on a Ray cluster, one per GPU: auto (started here with `ray start`) or HOST:PORT")
 
     p = add("status", cmd_status)
     p.add_argument("--tag", default=None, help="which run (default: the latest)")

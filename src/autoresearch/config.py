@@ -2,7 +2,9 @@
 
 The file has three tables. `[lab]` says what the loop may edit and how to run an experiment,
 `[metric]` how to read the result, and `[task]` fixes the built-in task's data and evaluation
-(read by the frozen prepare.py; a lab made with `init --target` has no `[task]`).
+(read by the frozen prepare.py; a lab made with `init --target` has no `[task]`). `[agent]` names
+the default agent and the loop's agent settings; `[[agents]]` entries, when present, make several
+agents share a run, each with a weight and options of its own.
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """One `[[agents]]` entry: an agent of a research community (several agents share one run)."""
+
+    spec: str  # as --agent takes it: hparam, patches:DIR, openai:MODEL, claude-code, ...
+    weight: float = 1.0  # its share of the proposals, relative to the others' weights
+    options: dict[str, Any] = field(default_factory=dict)  # its options, as [agent] has them
+    where: str = "[agent]"  # the table its options come from, for messages
+
+
+@dataclass(frozen=True)
 class LabConfig:
     """A parsed autoresearch.toml."""
 
@@ -84,6 +96,7 @@ class LabConfig:
     memory_limit_gb: float | None = None  # address-space limit of a run (Linux/macOS)
     agent: str = "hparam"  # the default --agent
     agent_options: dict[str, Any] = field(default_factory=dict)  # the [agent] table, e.g. the hparam space
+    agents: tuple[AgentSpec, ...] = ()  # [[agents]]: several agents share a run (without --agent, instead of [agent])
     repair_attempts: int = 2  # tries an agent gets to fix its own crashed change
     pause_seconds: float = 30.0  # first pause when the agent's service is down; doubles each time
     max_pause_seconds: float = 600.0
@@ -117,6 +130,34 @@ def _sandbox(value: str) -> str:
     if value not in ("auto", "bwrap", "none"):
         raise ConfigError(f'{CONFIG_NAME}: [lab] `sandbox` must be "auto", "bwrap" or "none", not {value!r}')
     return value
+
+
+def _agents(data: dict[str, Any]) -> tuple[AgentSpec, ...]:
+    """The `[[agents]]` entries: each a `name` (an --agent spec), a `weight` (> 0, default 1) and the
+    agent's own options; the loop's settings stay in [agent]."""
+    entries = data.get("agents", [])
+    if not isinstance(entries, list) or not all(isinstance(t, dict) for t in entries):
+        raise ConfigError(f"{CONFIG_NAME}: `agents` must be an array of tables",
+                          'write each agent as [[agents]] with name = "hparam" (and weight = 1)')
+    specs = []
+    for i, entry in enumerate(entries, 1):
+        spec = entry.get("name")
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(f"{CONFIG_NAME}: [[agents]] entry {i} needs a `name`, not {spec!r}",
+                              'name the agent as --agent takes it, e.g. name = "hparam"')
+        spec = spec.strip()
+        where = f"[[agents]] {spec!r} (entry {i})"
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ConfigError(f"{CONFIG_NAME}: {where} `weight` must be a number above 0, not {weight!r}",
+                              "weights are shares of the proposals: 2 and 1 give 2/3 and 1/3")
+        loop_keys = sorted(set(entry) & (set(LOOP_AGENT_KEYS) - {"name"}))
+        if loop_keys:
+            raise ConfigError(f"{CONFIG_NAME}: {where} sets {', '.join(loop_keys)}, a setting of the whole run",
+                              "move it to [agent]")
+        options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        specs.append(AgentSpec(spec=spec, weight=float(weight), options=options, where=where))
+    return tuple(specs)
 
 
 def parse_config(text: str, root: Path) -> LabConfig:
@@ -194,6 +235,7 @@ def parse_config(text: str, root: Path) -> LabConfig:
         memory_limit_gb=memory,
         agent=_get(agent_t, "name", str, "agent", "hparam"),
         agent_options={k: v for k, v in agent_t.items() if k not in LOOP_AGENT_KEYS},
+        agents=_agents(data),
         repair_attempts=_get(agent_t, "repair_attempts", int, "agent", 2),
         pause_seconds=_get(agent_t, "pause_seconds", float, "agent", 30.0),
         max_pause_seconds=_get(agent_t, "max_pause_seconds", float, "agent", 600.0),

@@ -82,6 +82,7 @@ from .data import load_encoding, load_prepared, load_token_bytes
 from .data.evalrows import eval_rows
 from .devices import detect_device
 from .errors import AutoresearchError, ConfigError
+from .handoff import MODEL, RESULT
 
 # fp32 logits per forward pass: a pass whose logits fit in the CPU's cache runs ~2x faster per token
 # than one that streams them through memory (cpu preset, 2 cores with 32 MB of L3: 0.48 s per 64
@@ -733,7 +734,7 @@ class EvaluatorProcess:
         if limit_address_space is None:
             limit_address_space = torch.device(device).type == "cpu"
         self._scratch = tempfile.TemporaryDirectory(prefix="autoresearch-eval-")
-        self._out = Path(self._scratch.name) / "result.json"
+        self._out = Path(self._scratch.name) / RESULT
         self._log = open(Path(self._scratch.name) / "log", "w+")  # noqa: SIM115 - closed in close()
         command = [sys.executable, "-m", "autoresearch.evaluator", "--model", "-", "--lab", str(Path(lab).resolve()),
                    "--split", split, "--device", device, "--out", str(self._out),
@@ -833,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     """Score one saved model; print the result as JSON and write it to --out."""
     parser = argparse.ArgumentParser(prog="python -m autoresearch.evaluator", description=main.__doc__)
     parser.add_argument("--model", required=True,
-                        help="the model.pt2 that evaluate_bpb saved, or - to prepare the split first and then "
+                        help=f"the {MODEL} that evaluate_bpb saved, or - to prepare the split first and then "
                              "read the model's path from standard input (an empty line: nothing to score)")
     parser.add_argument("--lab", type=Path, required=True, help="the lab whose autoresearch.toml fixes the task")
     parser.add_argument("--split", choices=("val", "test"), default="val")

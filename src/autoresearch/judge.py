@@ -464,3 +464,58 @@ def _screen(candidate: Experiment, champion: Experiment, own: list[Experiment], 
                     f"{len(latest)} run{'s' if len(latest) != 1 else ''})", sigma=sigma, reference=level)
     return Step("discard", "not better" if gain < -se else f"no gain beyond noise ({gain:+.6g})", sigma=sigma,
                 reference=level)
+
+
+class Procedure:
+    """The judging procedure of one tag over the pure rules above: which run the tag needs next and what
+    a finished candidate's runs decide, from the ledger's rows alone. The loop (and each worker of a
+    parallel run) makes the runs it asks for and writes them down; so it resumes after kill -9 and
+    several workers can follow it at once."""
+
+    def __init__(self, config: JudgeConfig, direction: str) -> None:
+        self.config, self.direction = config, direction
+
+    @property
+    def noise(self) -> bool:
+        return self.config.mode == "noise"
+
+    def baseline_short(self, base: Experiment, history: list[Experiment], running: int = 0) -> bool:
+        """Does the baseline need another repeat before the first decision? `running`: repeats of it
+        under way (a parallel run starts several at once). Repeats that keep crashing or being
+        disturbed stop being asked for after 2 x `repeats` attempts."""
+        if not self.noise:
+            return False
+        attempts = [e for e in history if e.repeat_of == base.id and block_of(e) == base.id]
+        if len(attempts) >= 2 * self.config.repeats:
+            return False
+        return baseline_runs(base, history, self.config) + running < self.config.repeats
+
+    def remeasure_due(self, champion: Experiment | None, history: list[Experiment]) -> bool:
+        """Every `remeasure_every` experiments the champion runs again: a lucky winner regresses to
+        its mean, and the screen compares new candidates with its level as it is now."""
+        every = self.config.remeasure_every
+        if not every or not self.noise or champion is None:
+            return False
+        last = max([champion.id] + [x.id for x in history if x.repeat_of == champion.id])
+        return sum(1 for x in history if x.kind == "experiment" and x.id > last) >= every
+
+    def step(self, candidate: Experiment, champion: Experiment, history: list[Experiment], simpler: bool) -> Step:
+        return next_step(candidate, champion, history, self.config, self.direction, simpler)
+
+    def promising(self, candidate: Experiment, parent: Experiment, history: list[Experiment],
+                  simpler: bool) -> tuple[bool, str]:
+        """A candidate whose parent stopped being the champion while it ran: does it deserve a run on
+        the new champion? The screen a fresh candidate gets (one standard error of promise against
+        its parent's latest runs; any gain in strict mode), and a line saying why."""
+        runs = Runs(history)
+        latest = runs.latest(parent)
+        values = [x.metric for x in latest if x.metric is not None] or ([parent.metric] if parent.metric else [])
+        if candidate.metric is None or not values:
+            return False, "its parent has no measurement to compare with"
+        level = mean(values)
+        gain = improvement(candidate.metric, level, self.direction)
+        if not self.noise:
+            return gain > 0, f"{gain:+.6g} against its parent #{parent.id}"
+        sigma = floored(runs.sigma(), level, self.config.sigma_floor) or 0.0
+        se = sigma * math.sqrt(1 + 1 / len(values))
+        return (gain > se or (simpler and gain > -se)), f"{gain:+.6g} against its parent #{parent.id} (σ {sigma:.3g})"

@@ -29,7 +29,34 @@ class Lab:
 
     @property
     def state_dir(self) -> Path:
+        """Everything autoresearch writes in a lab, git-ignored and hidden from runs."""
         return self.root / STATE_DIR
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.db"
+
+    @property
+    def logs(self) -> Path:
+        """One log per experiment, `NNNNN.log`."""
+        return self.state_dir / "logs"
+
+    def worktree(self, tag: str, worker: str | None = None) -> Path:
+        """Where a tag's experiments run: one worktree per worker (the first keeps the plain name)."""
+        name = tag if worker in (None, "w0") else f"{tag}-{worker}"
+        return self.state_dir / "worktrees" / name
+
+    def scratch(self, experiment_id: int) -> Path:
+        """A run's writable folder outside its worktree (hand-off, TMPDIR, HOME); its model's copy
+        goes beside it, under `models/` (measurement.model_copy)."""
+        return self.state_dir / "scratch" / f"{experiment_id:05d}"
+
+    def trusted(self, tag: str) -> Path:
+        """Where the baseline commit's autoresearch.toml is copied for the evaluator."""
+        return self.state_dir / "trusted" / tag
+
+    def lock(self, tag: str) -> Path:
+        return self.state_dir / f"run-{tag}.lock"
 
 
 def find_lab(start: Path | None = None) -> Lab:

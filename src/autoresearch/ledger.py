@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import AutoresearchError
+from .experiment import Experiment, runs_of  # noqa: F401  (re-exported: `from .ledger import runs_of` keeps working)
 
 STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invalid", "killed", "measured")
 FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed", "measured")  # measured: a repeat run
@@ -110,75 +111,18 @@ def m006_eval_seconds(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE experiments ADD COLUMN causal_seconds REAL")
 
 
+def m007_workers(db: sqlite3.Connection) -> None:
+    """Where a run ran when several run at once: the worker (`w0`, `w1`, ...), the node (`local` or a
+    Ray node's address), the attempt (a run whose node died is run again under the same id), and the
+    resources it had (`regime`: runs of one regime are comparable; the judge never mixes two)."""
+    db.execute("ALTER TABLE experiments ADD COLUMN worker TEXT")
+    db.execute("ALTER TABLE experiments ADD COLUMN node TEXT")
+    db.execute("ALTER TABLE experiments ADD COLUMN attempt INTEGER")
+    db.execute("ALTER TABLE experiments ADD COLUMN regime TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lines_changed, m003_agents, m004_trust,
-                                                          m005_cpu, m006_eval_seconds]
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One row of the experiments table."""
-
-    id: int
-    run_id: int | None
-    tag: str
-    kind: str  # baseline, experiment or repeat
-    parent_commit: str
-    commit_sha: str | None
-    agent: str
-    description: str
-    rationale: str | None
-    patch: str | None
-    status: str
-    reason: str | None
-    metric: float | None
-    champion_metric: float | None
-    summary_json: str | None
-    memory_gb: float | None
-    propose_seconds: float | None
-    run_seconds: float | None
-    evaluate_seconds: float | None
-    log_path: str | None
-    pid: int | None
-    pgid: int | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    lines_changed: int | None
-    outcome: str | None
-    meta_json: str | None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
-    repair_of: int | None = None
-    wait_seconds: float | None = None
-    repeat_of: int | None = None
-    sigma: float | None = None
-    test_metric: float | None = None
-    printed_metric: float | None = None
-    handoff_seconds: float | None = None
-    sandbox: str | None = None
-    cpu_seconds: float | None = None
-    eval_seconds: float | None = None
-    causal_seconds: float | None = None
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """What the agent attached to its proposal (the hparam agent: the parameter values)."""
-        return json.loads(self.meta_json) if self.meta_json else {}
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_json) if self.summary_json else {}
-
-    @property
-    def short_commit(self) -> str:
-        return (self.commit_sha or self.parent_commit)[:7]
-
-
-def runs_of(e: Experiment, history: list[Experiment]) -> list[Experiment]:
-    """The successful runs of e's commit that count for it: e itself and its measured repeats."""
-    own = [e] if e.metric is not None and e.outcome == "ok" else []
-    return own + [x for x in history if x.repeat_of == e.id and x.status == "measured" and x.metric is not None]
+                                                          m005_cpu, m006_eval_seconds, m007_workers]
 
 
 class Ledger:
@@ -186,9 +130,11 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            # one connection shared by the orchestrator's threads (its workers), every use under _lock
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -209,13 +155,18 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self.db.execute(sql, args))
 
     def _migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -249,8 +200,8 @@ class Ledger:
 
     def runs(self, tag: str | None = None) -> list[sqlite3.Row]:
         if tag is None:
-            return list(self.db.execute("SELECT * FROM runs ORDER BY id"))
-        return list(self.db.execute("SELECT * FROM runs WHERE tag = ? ORDER BY id", (tag,)))
+            return self._rows("SELECT * FROM runs ORDER BY id")
+        return self._rows("SELECT * FROM runs WHERE tag = ? ORDER BY id", (tag,))
 
     # -- experiments ------------------------------------------------------------------------
 
@@ -282,7 +233,8 @@ class Ledger:
             db.execute(f"UPDATE experiments SET {sets} WHERE id = ?", (*fields.values(), experiment_id))
 
     def get(self, experiment_id: int) -> Experiment:
-        row = self.db.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+        rows = self._rows("SELECT * FROM experiments WHERE id = ?", (experiment_id,))
+        row = rows[0] if rows else None
         if row is None:
             raise LedgerError(f"no experiment {experiment_id} in the ledger")
         return Experiment(**dict(row))
@@ -291,14 +243,14 @@ class Ledger:
         sql, args = "SELECT * FROM experiments", ()
         if tag is not None:
             sql, args = sql + " WHERE tag = ?", (tag,)
-        return [Experiment(**dict(row)) for row in self.db.execute(sql + " ORDER BY id", args)]
+        return [Experiment(**dict(row)) for row in self._rows(sql + " ORDER BY id", args)]
 
     def unfinished(self, tag: str) -> list[Experiment]:
         """Experiments a killed orchestrator left `pending` or `running`."""
         return [e for e in self.experiments(tag) if e.status in ("pending", "running")]
 
     def tags(self) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT DISTINCT tag FROM experiments ORDER BY tag")]
+        return [row[0] for row in self._rows("SELECT DISTINCT tag FROM experiments ORDER BY tag")]
 
     # -- export -----------------------------------------------------------------------------
 

@@ -11,11 +11,9 @@ kept under `refs/autoresearch/experiments/<id>`; experiments run in a worktree o
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
-import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,17 +21,30 @@ from types import FrameType
 from typing import Any
 
 from . import compile_cache
-from . import runner as runner_mod
 from .agents.base import Agent, Proposal, ResearchContext
-from .checks import check_change, frozen_hashes, lines_changed, matches, net_lines, patch_hash
+from .checks import (
+    check_change,
+    frozen_hashes,
+    lines_changed,
+    matches,
+    net_lines,
+    patch_hash,
+)
 from .errors import AgentUnavailable, AutoresearchError, GitError
+from .execution import Job, Slot, device_of, run_job
 from .gitrepo import Git
-from .gpus import RunDevice, preflight, run_device
-from .judge import baseline_runs, block_of, counted_runs, mean, next_step
+from .gpus import RunDevice, preflight
+from .judge import Procedure, block_of, counted_runs, mean
 from .lab import Lab
 from .ledger import Experiment, Ledger
-from .measurement import (TrustedEval, champion_startup, drop_scratch, hidden_paths, is_trusted, read_metric,
-                          readable_paths, test_split_bpb, write_trusted_toml)
+from .measurement import (
+    champion_startup,
+    drop_scratch,
+    is_trusted,
+    test_split_bpb,
+    write_trusted_toml,
+)
+from .procgroup import group_alive, kill_group
 from .proposals import Prefetch, apply_proposal, commit_message, log_tail, merge_onto
 from .recovery import TagLock, clear_stale_git_locks, group_is_from
 from .sandbox import notice as sandbox_notice
@@ -42,11 +53,34 @@ from .view import View
 EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
 OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
 FIXABLE = ("crash", "oom", "nan")  # outcomes an agent may repair; a timeout is not a bug to patch
+MAX_ATTEMPTS = 3  # runs of one experiment that a lost node or a killed orchestrator may interrupt
 CRASH_STATUS = {"invalid": "invalid", "crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
 
 
 class LoopError(AutoresearchError):
     """The loop cannot go on: the baseline fails, the branch was moved by hand, ..."""
+
+
+class Abandoned(Exception):
+    """A second Ctrl-C ended the experiment a worker was running (recorded as killed)."""
+
+
+@dataclass
+class Lane:
+    """One worker of a run: its share of the machine, its worktree (and that worktree's Git, found by
+    _recover), and the proposal being prepared for it."""
+
+    slot: Slot
+    worktree: Path
+    device: RunDevice
+    wt: Git | None = None
+    prefetch: Prefetch | None = None
+
+
+def planned(history: list[Experiment]) -> int:
+    """Experiments that count against --max-experiments: the agent's proposals (a change re-run on a
+    new champion after it beat its old parent is the same idea, not a new one)."""
+    return sum(1 for e in history if e.kind == "experiment" and "confirms" not in e.meta)
 
 
 @dataclass(frozen=True)
@@ -56,10 +90,12 @@ class RunOptions:
     max_experiments: int | None = None  # total experiments of this tag (a re-run finishes the plan)
     hours: float | None = None  # wall-clock limit of this invocation
     max_cost: float | None = None  # USD spent on the agent for this tag
+    workers: int | None = None  # experiments at once on this machine (None: 1; 0: one per GPU, else 1 on a CPU)
+    ray: str | None = None  # a Ray cluster's address ("auto": the one `ray start` made): one experiment per GPU
 
 
 def ledger_path(lab: Lab) -> Path:
-    return lab.state_dir / "ledger.db"
+    return lab.ledger_path
 
 
 def default_tag(lab: Lab) -> str:
@@ -82,25 +118,65 @@ class Loop:
         self.git = Git(lab.root)
         self.tag = options.tag
         self.branch = f"refs/heads/autoresearch/{self.tag}"
-        self.worktree = lab.state_dir / "worktrees" / self.tag
-        self._wt: Git | None = None  # the worktree's Git, found from the lab's side by _recover
-        self.logs = lab.state_dir / "logs"
+        self.logs = lab.logs
         self.budget = options.budget or self.config.budget
         self.run_id = 0
         self.stop_reason = ""
         self._stop_requested = False
-        self._prefetch: Prefetch | None = None
         self._pause = 0.0
         self._started = time.monotonic()
-        self._lock = TagLock(lab.state_dir / f"run-{self.tag}.lock", self.tag)
-        self.device: RunDevice = run_device(self.config)  # a cuda lab's runs get one GPU (gpus.py)
+        self._lock = TagLock(lab.lock(self.tag), self.tag)
+        self.reserved = 0  # experiments being proposed by workers, not yet in the ledger
+        self.procedure = Procedure(self.config.judge, self.config.metric.direction)
+        # The workers: one (the whole machine, or the first GPU: gpus.run_device) unless --workers or
+        # --ray ask for more (workers.py). Each has its slot, worktree and prepared proposal; the worker
+        # whose thread runs a method is `self.lane`, so every step below serves them all.
+        self.lanes = [Lane(Slot(), lab.worktree(self.tag), device_of(lab, Slot()))]
+        self._here = threading.local()
+        self.mutex = threading.RLock()  # claims of work and decisions, when several workers run
+        self.parallel = False
+        self.cluster: Any = None  # a ray_backend.RayCluster when the runs go to a Ray cluster
+        self.abandon = threading.Event()  # a second Ctrl-C: every running experiment is ended
+        self.single_regime = self.regime = self.lanes[0].slot.regime(self.lanes[0].device.type)
+
+    @property
+    def lane(self) -> Lane:
+        """The worker this thread serves (the first one outside the workers' threads)."""
+        return getattr(self._here, "lane", None) or self.lanes[0]
+
+    @property
+    def worktree(self) -> Path:
+        return self.lane.worktree
+
+    @property
+    def slot(self) -> Slot:
+        return self.lane.slot
+
+    @property
+    def device(self) -> RunDevice:
+        return self.lane.device
+
+    @property
+    def _prefetch(self) -> Prefetch | None:
+        return self.lane.prefetch
+
+    @_prefetch.setter
+    def _prefetch(self, value: Prefetch | None) -> None:
+        self.lane.prefetch = value
 
     # -- public -----------------------------------------------------------------------------
 
     def run(self) -> str:
         """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
         self._check_tag()
-        gpu = preflight(self.device)  # CUDA must start outside the sandbox before anything runs
+        if self.options.ray is not None or (self.options.workers is not None and self.options.workers != 1):
+            from .workers import plan_lanes
+
+            plan_lanes(self)  # raises with a clear line before anything is locked or recorded
+        # CUDA must start outside the sandbox before anything runs (a Ray node checks its own)
+        gpu = {} if self.cluster is not None else preflight(self.device)
+        for lane in self.lanes[1:] if self.cluster is None else ():
+            preflight(lane.device)
         self._lock.acquire()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_id = self.ledger.start_run(self.tag, self.agent.name, self._snapshot())
@@ -117,12 +193,18 @@ class Loop:
             if gpu:
                 self.view.message(f"GPU {self.device.gpu}: {gpu['name']}, {gpu['free_gb']:.0f} of "
                                   f"{gpu['total_gb']:.0f} GiB free")
+            if self.parallel:
+                from .workers import run_lanes
+
+                run_lanes(self)  # the same steps, on every worker at once
+                return self.stop_reason
             for e in self.ledger.unfinished(self.tag):  # first: what a killed orchestrator left running
                 self.view.message(f"resuming experiment {e.id} ({e.description})")
                 self._check_baseline(self._execute(e.id))
             if self._baseline() is None:
                 self._run_baseline()
             self._measure_baseline()
+            self._measure_regime()
             while not self.stop_reason:
                 self.stop_reason = self._limit_reached(started)
                 if self.stop_reason:
@@ -137,6 +219,8 @@ class Loop:
             self._export()
             self.view.stop(self.stop_reason or "stopped by an error")
             self._lock.release()  # the tag is free for the next run
+            if self.cluster is not None:
+                self.cluster.close()
         return self.stop_reason
 
     def champion(self) -> tuple[str | None, float | None]:
@@ -170,15 +254,17 @@ class Loop:
         return {"run": c.run, "budget": self.budget, "editable": c.editable, "frozen": c.frozen,
                 "metric": c.metric.__dict__, "task": c.task.__dict__ if c.task else None,
                 "startup_allowance": c.startup_allowance, "eval_allowance": c.eval_allowance,
-                "max_experiments": self.options.max_experiments, "hours": self.options.hours}
+                "max_experiments": self.options.max_experiments, "hours": self.options.hours,
+                "workers": [{"name": ln.slot.name, "node": ln.slot.node, "runs_on": ln.slot.describe(ln.device.type)}
+                            for ln in self.lanes], "regime": self.regime}
 
     def _recover(self) -> None:
         """Make git agree with the ledger after any interruption, and end orphaned runs."""
         clear_stale_git_locks(self.git, self.lab.root, self.tag)
         for e in self.ledger.unfinished(self.tag):
-            if e.pgid and runner_mod.group_alive(e.pgid) and group_is_from(e.pgid, e.started_at):
+            if e.pgid and group_alive(e.pgid) and group_is_from(e.pgid, e.started_at):
                 self.view.message(f"ending process group {e.pgid} left running by experiment {e.id}")
-                runner_mod.kill_group(e.pgid)
+                kill_group(e.pgid)
             if e.commit_sha is None:  # recorded but never committed: it never ran
                 self.ledger.update(e.id, status="killed", reason="interrupted before it ran", finished_at=time.time())
         for e in self.ledger.experiments(self.tag):
@@ -189,23 +275,27 @@ class Loop:
         start = commit or self.git.resolve(self.branch) or self.git.head()
         if self.git.resolve(self.branch) != start:
             self.git.update_ref(self.branch, start)
-        try:
-            self._wt = self.git.worktree(self.worktree)
-        except GitError:  # never made, or its registration is gone: make it anew
-            shutil.rmtree(self.worktree, ignore_errors=True)
-            self.worktree.parent.mkdir(parents=True, exist_ok=True)
-            self.git.add_worktree(self.worktree, start)
-            self._wt = self.git.worktree(self.worktree)
-        found = self.wt.restore_gitfile()
-        if found:
-            self.view.message(f"restored the worktree's .git file ({found} was in its place)")
-        self.wt.reset_to(start)
+        for lane in self.lanes:
+            try:
+                lane.wt = self.git.worktree(lane.worktree)
+            except GitError:  # never made, or its registration is gone: make it anew
+                shutil.rmtree(lane.worktree, ignore_errors=True)
+                lane.worktree.parent.mkdir(parents=True, exist_ok=True)
+                self.git.add_worktree(lane.worktree, start)
+                lane.wt = self.git.worktree(lane.worktree)
+            found = lane.wt.restore_gitfile()
+            if found:
+                self.view.message(f"restored the worktree's .git file ({found} was in its place)")
+            lane.wt.reset_to(start)
+        if self.cluster is not None and (ended := self.cluster.cleanup()):
+            self.view.message(f"ended {ended} run{'s' if ended > 1 else ''} an earlier head left on the cluster")
 
     @property
     def wt(self) -> Git:
-        """Git in the experiments' worktree: explicit git dir, no hooks (see gitrepo)."""
-        assert self._wt is not None, "the worktree is set up by _recover at the start of run()"
-        return self._wt
+        """Git in this worker's worktree: explicit git dir, no hooks (see gitrepo)."""
+        wt = self.lane.wt
+        assert wt is not None, "the worktrees are set up by _recover at the start of run()"
+        return wt
 
     def _baseline(self) -> Experiment | None:
         rows = [e for e in self.ledger.experiments(self.tag) if e.kind == "baseline" and e.status == "keep"]
@@ -218,31 +308,67 @@ class Loop:
     # -- the steps --------------------------------------------------------------------------
 
     def _run_baseline(self) -> None:
+        self._check_baseline(self._execute(self.add_baseline()))
+
+    def add_baseline(self) -> int:
         start = self.git.resolve(self.branch) or self.git.head()
         eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="baseline", parent_commit=start,
                               commit_sha=start, agent=self.agent.name, description="baseline", status="running",
                               lines_changed=0)
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), start)
-        self._check_baseline(self._execute(eid))
-        self._measure_baseline()
+        return eid
 
     def _measure_baseline(self) -> None:
         """Run the baseline `repeats` times in all, so the noise is known before the first decision
         (runs the machine disturbed do not count: judge.baseline_runs)."""
         base = self._baseline()
-        jc = self.config.judge
-        if base is None or jc.mode != "noise":
-            return
-        while baseline_runs(base, history := self.ledger.experiments(self.tag), jc) < jc.repeats:
-            attempts = [e for e in history if e.repeat_of == base.id and block_of(e) == base.id]
-            if len(attempts) >= 2 * jc.repeats:  # repeats keep crashing or being disturbed: go on without them
-                break
+        while base is not None and self.procedure.baseline_short(base, self.judged()):
             self._repeat(base, block=base.id)
+
+    def judged(self) -> list[Experiment]:
+        """The tag's rows the judge may compare: those of this run's regime (rows from before regimes
+        were recorded were a single worker's)."""
+        return [e for e in self.ledger.experiments(self.tag) if self.regime_of(e) == self.regime]
+
+    def regime_of(self, e: Experiment) -> str:
+        return e.regime or self.single_regime
+
+    def regime_short(self) -> bool:
+        """The tag ran under other resources before (another number of workers or cores): the noise
+        and the champion's level are measured again under these, `repeats` runs of the champion,
+        before anything is judged."""
+        history = self.ledger.experiments(self.tag)
+        champ = self._champion_row()
+        if champ is None or not self.procedure.noise or all(self.regime_of(e) == self.regime for e in history):
+            return False
+        here = [e for e in history if self.regime_of(e) == self.regime]
+        runs = [e for e in here if e.kind == "repeat" and e.repeat_of == champ.id and e.status == "measured"]
+        runs += [champ] if self.regime_of(champ) == self.regime else []
+        busy = [e for e in here if e.kind == "repeat" and e.repeat_of == champ.id and e.status in ("pending", "running")]
+        attempts = [e for e in here if e.kind == "repeat" and block_of(e) == self._regime_block()]
+        return len(attempts) < 2 * self.config.judge.repeats and len(runs) + len(busy) < self.config.judge.repeats
+
+    def _regime_block(self) -> int:
+        return -self.run_id  # the re-measurement of this invocation, a block of its own (judge.block_of)
+
+    def _measure_regime(self) -> None:
+        if not self.regime_short():
+            return
+        self.view.message(f"this tag ran under other resources before: measuring the noise again under "
+                          f"{self.regime} ({self.config.judge.repeats} runs of the champion)")
+        while self.regime_short():
+            champ = self._champion_row()
+            assert champ is not None
+            self._repeat(champ, block=self._regime_block())
 
     def _repeat(self, of: Experiment, block: int | None, beside: Experiment | None = None) -> Experiment:
         """Run an experiment's commit again; the new row is linked to it and decides nothing itself.
         `block`: the measurement it belongs to (judge.block_of; None: one of its own), `beside`: the
         candidate being judged, when this is a run of the champion made for it."""
+        return self._execute(self.add_repeat(of, block, beside))
+
+    def add_repeat(self, of: Experiment, block: int | None, beside: Experiment | None = None) -> int:
+        """The row (and ref) of a repeat, `running` from birth: a worker claims it by writing it."""
         note, meta = "", {"block": block}
         if beside is not None:
             note, meta = f" beside #{beside.id}", {"block": block, "for": beside.id}
@@ -252,7 +378,7 @@ class Loop:
                               lines_changed=0, meta=meta)
         assert of.commit_sha is not None
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), of.commit_sha)
-        return self._execute(eid)
+        return eid
 
     def _check_baseline(self, e: Experiment) -> None:
         if e.kind == "baseline" and e.status != "keep":
@@ -263,7 +389,7 @@ class Loop:
     def _limit_reached(self, started: float) -> str:
         if self._stop_requested:
             return "stopped by Ctrl-C after finishing the experiment"
-        done = sum(1 for e in self.ledger.experiments(self.tag) if e.kind == "experiment")
+        done = planned(self.ledger.experiments(self.tag)) + self.reserved
         if self.options.max_experiments is not None and done >= self.options.max_experiments:
             return f"reached --max-experiments {self.options.max_experiments}"
         if self.options.hours is not None and time.monotonic() - started >= self.options.hours * 3600:
@@ -305,15 +431,10 @@ class Loop:
     def _remeasure_champion(self) -> None:
         """Every `remeasure_every` experiments, run the champion again: a lucky winner regresses to
         its mean, and the screen (judge._screen) compares new candidates with its level as it is now."""
-        every = self.config.judge.remeasure_every
         champ = self._champion_row()
-        if not every or self.config.judge.mode != "noise" or champ is None:
-            return
-        history = self.ledger.experiments(self.tag)
-        last = max([champ.id] + [x.id for x in history if x.repeat_of == champ.id])
-        since = sum(1 for x in history if x.kind == "experiment" and x.id > last)
-        if since >= every:
-            self.view.message(f"re-measuring the champion #{champ.id} after {since} experiments")
+        if champ is not None and self.procedure.remeasure_due(champ, self.judged()):
+            self.view.message(f"re-measuring the champion #{champ.id} after {self.config.judge.remeasure_every} "
+                              "experiments")
             self._repeat(champ, block=None)
 
     # -- getting a proposal: prepared ahead, paused when the agent's service is down -----------
@@ -363,9 +484,9 @@ class Loop:
     def _start_prefetch(self, running: Experiment) -> None:
         """Ask a slow agent for the next proposal while the current experiment runs (the baseline
         included: it runs the code the first proposal starts from)."""
-        if not getattr(self.agent, "slow", False) or self._prefetch is not None or self._stop_requested:
+        if not self.agent.slow or self._prefetch is not None or self._stop_requested:
             return
-        done = sum(1 for e in self.ledger.experiments(self.tag) if e.kind == "experiment")
+        done = planned(self.ledger.experiments(self.tag)) + self.reserved
         if self.options.max_experiments is not None and done >= self.options.max_experiments:
             return  # this is the last experiment: a proposal now would be wasted
         if self.champion()[0] is None and running.kind != "baseline":
@@ -377,11 +498,10 @@ class Loop:
         itself when it can (an LLM re-applies its SEARCH/REPLACE blocks), else by a three-way merge
         of its diff. None when it no longer fits."""
         meta = {**proposal.meta, "rebased_from": old}
-        own = getattr(self.agent, "rebase", None)
-        if own is not None:
+        if self.agent.can_rebase:
             files = {p: (self.git.show(new, p) or b"").decode("utf-8", errors="replace")
                      for p in self.git.ls_files(new) if matches(p, self.config.editable)}
-            moved = own(proposal, files)
+            moved = self.agent.rebase(proposal, files)
             return None if moved is None else replace(moved, meta={**moved.meta, **meta})
         moved = merge_onto(self.wt, self.worktree, proposal, old, new)
         return None if moved is None else replace(moved, meta=meta)
@@ -391,25 +511,25 @@ class Loop:
     def _repair(self, failed: Experiment) -> None:
         """Give an agent that can repair a few attempts at fixing its own crashed change. Each
         attempt is an experiment of its own, linked to the idea it repairs."""
-        repair = getattr(self.agent, "repair", None)
         idea = failed
         for attempt in range(1, self.config.repair_attempts + 1):
-            if repair is None or failed.status != "crash" or failed.outcome not in FIXABLE or not failed.commit_sha:
+            if failed.status != "crash" or failed.outcome not in FIXABLE or not failed.commit_sha:
                 return
             if self._limit_reached(self._started):
                 return
             files = {p: (self.git.show(failed.commit_sha, p) or b"").decode("utf-8", errors="replace")
                      for p in self.git.ls_files(failed.commit_sha) if matches(p, self.config.editable)}
             context = replace(self.context(), files=files, last_failure=failed)
-            self.view.message(f"asking the agent to repair #{failed.id} (attempt {attempt}/{self.config.repair_attempts})")
             t0 = time.monotonic()
             try:
-                proposal = repair(context, failed, log_tail(failed.log_path), attempt, self.config.repair_attempts)
+                proposal = self.agent.repair(context, failed, log_tail(failed.log_path), attempt,
+                                             self.config.repair_attempts)
             except AutoresearchError as exc:
                 self._agent_failed(exc)
                 return
-            if proposal is None:
+            if proposal is None:  # this agent does not repair, or gives up
                 return
+            self.view.message(f"the agent repaired #{failed.id} (attempt {attempt}/{self.config.repair_attempts})")
             took = time.monotonic() - t0
             e = self._record(proposal, self.context(), took, took, repair_of=idea.id)
             if e.status != "running":
@@ -435,7 +555,7 @@ class Loop:
         meta = proposal.meta
         eid = self.ledger.add(
             run_id=self.run_id, tag=self.tag, kind="experiment", parent_commit=champion, commit_sha=commit,
-            agent=self.agent.name, description=proposal.description, rationale=proposal.rationale,
+            agent=proposal.agent or self.agent.name, description=proposal.description, rationale=proposal.rationale,
             patch=patch, lines_changed=lines_changed(patch), meta=meta, repair_of=repair_of,
             propose_seconds=propose_seconds, wait_seconds=wait_seconds, status="invalid" if reason else "running",
             reason=reason, champion_metric=context.champion_metric, finished_at=time.time() if reason else None,
@@ -484,80 +604,75 @@ class Loop:
             log = self.logs / f"{eid:05d}.log"
             if log.exists():  # an interrupted attempt: keep its log beside the new one
                 log.rename(log.with_name(f"{log.name}.interrupted-{int(time.time())}"))
-            self.ledger.update(eid, status="running", started_at=time.time(), log_path=str(log))
+            where = {"worker": self.slot.name, "node": self.slot.node} if self.parallel else {}
+            attempt = (e.attempt or 1) + 1 if e.started_at is not None else 1  # run again after a kill or lost node
+            if attempt > MAX_ATTEMPTS:
+                self.ledger.update(eid, status="killed", outcome="killed", finished_at=time.time(),
+                                   reason=f"interrupted {MAX_ATTEMPTS} times (its node lost or the orchestrator "
+                                   "killed): not run again")
+                return self.ledger.get(eid)
+            self.ledger.update(eid, status="running", started_at=time.time(), log_path=str(log), regime=self.regime,
+                               attempt=attempt, **where)
             e = self.ledger.get(eid)
             limit = self.budget + self.config.startup_allowance + self.config.eval_allowance
             self.view.started(e, limit)
             self._start_prefetch(e)
-            scratch = self._scratch(e)
-            c = self.config
-            startup = champion_startup(self.ledger, self.tag)  # bounds the hand-off time (measurement.py)
-            trusted = TrustedEval(scratch, self.trusted_lab(), self.budget, c.startup_allowance, c.eval_allowance,
-                                  self.device.type, self.device.env, startup) if is_trusted(c) else None
-            _, cache_env = compile_cache.for_run(self.lab.state_dir, self.tag, (e.commit_sha, e.parent_commit), scratch)
-            extra_env = {"AUTORESEARCH_BUDGET": f"{self.budget:g}", **self.device.env, **cache_env,
-                         **(trusted.env() if trusted else {})}
-            if os.environ.get("PYTHONPATH"):  # the run starts in the worktree: relative entries would break
-                extra_env["PYTHONPATH"] = os.pathsep.join(
-                    str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
-            spec = runner_mod.RunSpec(
-                handoff_dir=trusted.folder if trusted else None, on_handoff=trusted.evaluate if trusted else None,
-                handoff_copy=trusted.model if trusted else None,
-                sandbox=c.sandbox, writable=(scratch,), hidden=hidden_paths(self.lab),
-                readable=(*readable_paths(self.lab), self.worktree / ".git"),  # bound read-only over the writable worktree
-                device_nodes=self.device.nodes(),
-                command=self.config.run, cwd=self.worktree, log_path=log, budget=self.budget,
-                startup_allowance=self.config.startup_allowance, eval_allowance=self.config.eval_allowance,
-                env=dict(os.environ), extra_env=extra_env,
-                secret_patterns=self.config.secret_env, pass_env=self.config.pass_env,
-                log_cap_bytes=int(self.config.log_cap_mb * 2**20),
-                memory_limit_bytes=int(self.config.memory_limit_gb * 2**30) if self.config.memory_limit_gb else None,
-                on_start=lambda pid, pgid: self.ledger.update(eid, pid=pid, pgid=pgid),
-                on_tick=self.view.tick, python=sys.executable,
-            )
+            assert e.commit_sha is not None
+            job = Job(eid, self.tag, e.commit_sha, e.parent_commit, self.budget, self.trusted_toml(),
+                      champion_startup(self.ledger, self.tag))  # the start-up bounds the hand-off time
             try:
-                with trusted or contextlib.nullcontext():  # the evaluator prepares while the run trains
-                    result = runner_mod.run_experiment(spec)
+                fields = self._run_job(job, log)
             except KeyboardInterrupt:
                 self.ledger.update(eid, status="killed", outcome="killed", reason="abandoned: stopped by Ctrl-C",
                                    finished_at=time.time())
                 self.view.finished(self.ledger.get(eid), self.champion()[1])
                 raise
-            metric = read_metric(self.config, self.worktree, result)
-            memory = result.summary.get("peak_vram_mb")
-            outcome, reason, printed = result.outcome, result.error, None
-            if trusted is not None:
-                printed, metric = metric, trusted.bpb
-                if trusted.rejection or result.handoff_error or outcome == "ok":  # these make the run exit 1 too
-                    problem = trusted.problem(result, printed)
-                    if problem:
-                        outcome, reason = "invalid", problem
-            tampered = self.wt.restore_gitfile()  # before any git command reads the worktree again
-            if tampered:
-                outcome, reason = "invalid", (f"the run replaced the worktree's .git file with {tampered}: git must "
-                                              "never read what a run wrote (restored)")
-            self.ledger.update(
-                eid, outcome=outcome, sandbox=result.sandbox, run_seconds=result.wall_seconds, summary=result.summary,
-                cpu_seconds=result.cpu_seconds, eval_seconds=trusted.seconds if trusted else None,
-                causal_seconds=trusted.causal_seconds if trusted else None,
-                metric=metric, printed_metric=printed, handoff_seconds=result.handoff_seconds,
-                memory_gb=(memory / 1024 if isinstance(memory, float) else result.peak_rss_mb / 1024), reason=reason,
-            )
+            if self.abandon.is_set():  # a second Ctrl-C ended it from the main thread
+                self.ledger.update(eid, status="killed", outcome="killed", reason="abandoned: stopped by Ctrl-C",
+                                   finished_at=time.time())
+                self.view.finished(self.ledger.get(eid), self.champion()[1])
+                raise Abandoned
+            self.ledger.update(eid, **fields)
             e = self.ledger.get(eid)
         return e
 
-    def trusted_lab(self) -> Path:
-        """The task the evaluator scores against: the baseline commit's autoresearch.toml, copied
-        out of the run's reach."""
+    def _run_job(self, job: Job, log: Path) -> dict[str, Any]:
+        """The run itself: here (execution.run_job) or on the worker's Ray node (ray_backend)."""
+        eid = job.eid
+
+        def started(pid: int, pgid: int) -> None:
+            self.ledger.update(eid, pid=pid, pgid=pgid)
+
+        if self.cluster is not None:
+            return dict(self.cluster.run(self.slot, job, log, on_start=started, cancel=self.abandon))
+        name = self.slot.name if self.parallel else None
+        tick = (lambda t: self.view.tick(t, name)) if name else self.view.tick
+        return run_job(self.lab, self.wt, self.worktree, self.slot, job, log, on_start=started, on_tick=tick)
+
+    def trusted_toml(self) -> bytes | None:
+        """The task the evaluator scores against: the baseline commit's autoresearch.toml (copied out
+        of the run's reach by execution.run_job); None when the metric is not the evaluator's."""
+        if not is_trusted(self.config):
+            return None
         first = next(e for e in self.ledger.experiments(self.tag) if e.kind == "baseline")
         text = self.git.show(first.commit_sha or first.parent_commit, "autoresearch.toml")
         if text is None:
             raise LoopError("the baseline commit has no autoresearch.toml")
-        return write_trusted_toml(self.lab.state_dir / "trusted" / self.tag, text)
+        return text
+
+    def trusted_lab(self) -> Path:
+        """Where the evaluator reads the task from: the baseline commit's autoresearch.toml."""
+        text = self.trusted_toml()
+        if text is None:
+            raise LoopError("this lab's metric does not come from the trusted evaluator")
+        return write_trusted_toml(self.lab.trusted(self.tag), text)
 
     def _judge(self, e: Experiment) -> Experiment:
         """Keep or discard: the runs judge.next_step asks for (the champion beside the candidate, a
-        confirmation), each a ledger row, then its decision."""
+        confirmation), each a ledger row, then its decision. With several workers, the champion may
+        change while a candidate runs: a change is kept only after the exact code it becomes has beaten
+        the champion it replaces (_superseded), and decisions are made one at a time (self.mutex), so
+        two results can never both be kept against the same champion."""
         champ = self._champion_row()
         commit, champion_metric = self.champion()
         sigma = None
@@ -568,9 +683,10 @@ class Loop:
         else:
             assert champ is not None and champion_metric is not None
             simpler = net_lines(e.patch or "") < 0
+            if champ.commit_sha != e.parent_commit:  # another worker's result was kept while this one ran
+                return self._superseded(e, simpler, None)
             while True:
-                step = next_step(e, champ, self.ledger.experiments(self.tag), self.config.judge,
-                                 self.config.metric.direction, simpler)
+                step = self.procedure.step(e, champ, self.judged(), simpler)
                 if step.action == "resume":  # killed during this judging: finish that run in place
                     assert step.of is not None
                     self._execute(step.of.id)
@@ -582,11 +698,15 @@ class Loop:
                     break
             status, reason, sigma = step.action, step.reason, step.sigma
             champion_metric = champion_metric if step.reference is None else step.reference
-        self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric, sigma=sigma,
-                           finished_at=time.time())
-        e = self.ledger.get(e.id)
-        if status == "keep" and e.kind != "baseline":
-            self._advance(commit, e.commit_sha)
+        with self.mutex:  # decide against the champion as it is now, one decision at a time
+            now = self._champion_row()
+            if status == "keep" and e.kind != "baseline" and (now is None or now.commit_sha != e.parent_commit):
+                return self._superseded(e, net_lines(e.patch or "") < 0, reason)
+            self.ledger.update(e.id, status=status, reason=reason, champion_metric=champion_metric, sigma=sigma,
+                               finished_at=time.time())
+            e = self.ledger.get(e.id)
+            if status == "keep" and e.kind != "baseline":
+                self._advance(commit, e.commit_sha)
         if status == "keep":
             assert e.commit_sha is not None
             compile_cache.adopt(self.lab.state_dir, self.tag, e.commit_sha, self._scratch(e))  # the champion's now
@@ -597,8 +717,46 @@ class Loop:
         self._export()
         return e
 
+    def _superseded(self, e: Experiment, simpler: bool, won: str | None) -> Experiment:
+        """`e` ran on a parent that is no longer the champion. If it beat that parent (`won`: the
+        judge's reason, when its whole judging said keep; else the screen a fresh candidate gets), its
+        diff is merged onto the champion and the result runs there as a new experiment that confirms
+        it (linked by meta `confirms`), judged like any other; `e` itself is discarded either way."""
+        with self.mutex:
+            champ = self._champion_row()
+            assert champ is not None and champ.commit_sha is not None
+            parent = next((x for x in reversed(self.ledger.experiments(self.tag))
+                           if x.status == "keep" and x.commit_sha == e.parent_commit), None)
+            if won is None and parent is not None:
+                ok, why = self.procedure.promising(e, parent, self.judged(), simpler)
+            else:
+                ok, why = won is not None, won or "its parent is gone"
+            moved = None
+            if ok:
+                proposal = Proposal(description=e.description, patch=e.patch or "", rationale=e.rationale or "",
+                                    meta={**e.meta, "confirms": e.id, "rebased_from": e.parent_commit}, agent=e.agent)
+                moved = merge_onto(self.wt, self.worktree, proposal, e.parent_commit, champ.commit_sha)
+            moved_note = f"#{champ.id} became the champion while it ran"
+            if not ok:
+                reason = f"{moved_note}; against its parent: {why}, not worth a run on #{champ.id}"
+            elif moved is None:
+                reason = f"beat its parent ({why}), but {moved_note} and the change does not merge onto it (or it has it)"
+            else:
+                reason = f"beat its parent ({why}); {moved_note}: confirming on it"
+            self.ledger.update(e.id, status="discard", reason=reason, finished_at=time.time())
+            drop_scratch(self._scratch(e))
+            self.view.finished(self.ledger.get(e.id), self.champion()[1])
+            if moved is None:
+                self._export()
+                return self.ledger.get(e.id)
+            self.view.message(f"#{e.id} beat its parent; running it again on the champion #{champ.id}")
+            new = self._record(moved, self.context(), 0.0, 0.0)
+            self.ledger.update(e.id, reason=f"{reason} as #{new.id}")
+        self._export()
+        return self._execute(new.id) if new.status == "running" else new
+
     def _scratch(self, e: Experiment) -> Path:
-        return self.lab.state_dir / "scratch" / f"{e.id:05d}"
+        return self.lab.scratch(e.id)
 
     def _measure_test(self, e: Experiment) -> Experiment:
         """A new champion's score on the held-out test split (recorded, never used to decide)."""

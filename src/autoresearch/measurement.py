@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 from . import runner as runner_mod
 from .config import LabConfig
 from .errors import AutoresearchError
+from .experiment import runs_of
+from .handoff import HANDOFF_DIR, HANDOFF_ENV, HANDOFF_TIMEOUT_ENV, MODELS_DIR
 from .lab import Lab
-from .ledger import Ledger, runs_of
+from .ledger import Ledger
 
 if TYPE_CHECKING:
     from .evaluator import EvaluatorProcess
@@ -98,7 +100,6 @@ def write_trusted_toml(folder: Path, toml: bytes) -> Path:
 # job had taken), tiny preset 3.0-4.3 s (5 runs, load average 2-3). So the bound is ~21 s where honest
 # runs reached 14.4 s at worst, and `TIME_BUDGET += 45` (~49 s late) is caught with room to spare.
 STARTUP_FACTOR, STARTUP_SLACK = 3.0, 10.0
-MODELS = "models"  # under the state directory: the model copies taken at hand-off, <experiment id>.pt2
 
 
 def model_copy(scratch: Path) -> Path:
@@ -106,7 +107,7 @@ def model_copy(scratch: Path) -> Path:
     run's scratch folder `<state dir>/scratch/<id>`, in the state directory the sandbox hides. Both
     the validation and the test score come from this copy, so nothing the run does to its own
     file after the hand-off changes what is scored."""
-    return scratch.parent.parent / MODELS / f"{scratch.name}.pt2"
+    return scratch.parent.parent / MODELS_DIR / f"{scratch.name}.pt2"
 
 
 def champion_startup(ledger: Ledger, tag: str) -> float | None:
@@ -139,7 +140,7 @@ class TrustedEval:
     def __init__(self, scratch: Path, trusted_lab: Path, budget: float, startup_allowance: float,
                  eval_allowance: float, device: str = "cpu", device_env: Mapping[str, str] | None = None,
                  startup: float | None = None) -> None:
-        self.folder, self.model, self.lab = scratch / "handoff", model_copy(scratch), trusted_lab
+        self.folder, self.model, self.lab = scratch / HANDOFF_DIR, model_copy(scratch), trusted_lab
         self.device, self.device_env = device, dict(device_env or {})  # the run's: it scores where it trained
         self.budget, self.startup_allowance, self.eval_allowance = budget, startup_allowance, eval_allowance
         self.startup = startup
@@ -161,7 +162,7 @@ class TrustedEval:
 
     def env(self) -> dict[str, str]:
         """What tells prepare.py in the run where to hand its model over."""
-        return {"AUTORESEARCH_HANDOFF": str(self.folder), "AUTORESEARCH_HANDOFF_TIMEOUT": f"{self.eval_allowance:g}"}
+        return {HANDOFF_ENV: str(self.folder), HANDOFF_TIMEOUT_ENV: f"{self.eval_allowance:g}"}
 
     def evaluate(self, model: Path) -> dict[str, object]:
         """Called by the runner (in its thread) with the copy of the handed-over model; returns the

@@ -65,12 +65,54 @@ def disturbed(experiments: list[Experiment]) -> dict[int, float]:
     return {i: typical for i, c in cores.items() if c < DISTURBED_SHARE * typical}
 
 
+@dataclass(frozen=True)
+class AgentTally:
+    """What one agent of a shared run did: its proposals (experiments, repairs included), how many
+    were kept, their summed gain over the champion each was judged against (positive = better, in
+    the metric's direction), and what its proposals cost (None: no cost recorded)."""
+
+    agent: str
+    proposals: int
+    keeps: int
+    gain: float
+    cost: float | None
+
+    def cost_text(self) -> str:
+        """`$1.25`, `$0.0042` (cents and below keep their digits), `—` when no cost was recorded."""
+        if self.cost is None:
+            return "—"
+        return f"${self.cost:.2f}" if self.cost >= 0.1 else f"${self.cost:.4f}"
+
+
+def per_agent(history: list[Experiment], direction: str) -> list[AgentTally]:
+    """One tally per agent that proposed an experiment, in order of its first one."""
+    found: dict[str, list[Experiment]] = {}
+    for e in history:
+        if e.kind == "experiment":
+            found.setdefault(e.agent, []).append(e)
+    tallies = []
+    for agent, mine in found.items():
+        kept = [e for e in mine if e.status == "keep"]
+        gain = sum((e.champion_metric - e.metric if direction == "min" else e.metric - e.champion_metric)
+                   for e in kept if e.metric is not None and e.champion_metric is not None)
+        costs = [e.cost_usd for e in mine if e.cost_usd is not None]
+        tallies.append(AgentTally(agent, len(mine), len(kept), gain, sum(costs) if costs else None))
+    return tallies
+
+
+def where_ran(e: Experiment) -> str | None:
+    """`w1@local`, `w0@10.0.0.2`: the worker and the node that ran e (None when not recorded)."""
+    if not e.worker:
+        return None
+    return f"{e.worker}@{e.node}" if e.node else e.worker
+
+
 def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     """One dict per experiment; `delta` is against the champion of its time (negative = lower);
     `left_out` marks a run the judge does not count for a champion, far off its other runs;
     `disturbed` is the typical cores of the tag's runs when this one had much fewer (else None);
     `mean` and `runs`, for a kept experiment, the mean of the runs that count for its commit and their
-    number (its `metric` is its own run only)."""
+    number (its `metric` is its own run only); `where`, the worker and node that ran it (see `where_ran`)."""
     shared = disturbed(experiments)
     left_out: set[int] = set()
     for e in experiments:
@@ -93,6 +135,7 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             "cost_usd": e.cost_usd, "left_out": e.id in left_out, "cpu_seconds": e.cpu_seconds,
             "cores": cores_used(e), "disturbed": shared.get(e.id),
             "mean": figure.metric if figure else None, "runs": figure.runs if figure else None,
+            "worker": e.worker, "node": e.node, "where": where_ran(e),
         })
     return rows
 
@@ -202,11 +245,19 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
         desc += runs_note(r)
         test_s = "" if r["test_metric"] is None else f"{r['test_metric']:.6f}"
         lines.append(f"| {r['id']} | {r['commit']} | {metric_s} | {delta_s} | {test_s} | {r['status']} | {secs} | {desc} |")
+    tallies = per_agent(experiments, direction)
+    if len(tallies) > 1:
+        lines += ["", "## Agents", "", f"gain: how much each agent's kept experiments improved {metric} on the champion "
+                  "each was judged against, summed (positive is better)", "",
+                  "| agent | proposals | keeps | gain | cost |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {markdown_cell(t.agent)} | {t.proposals} | {t.keeps} | {t.gain:+.6f} | {t.cost_text()} |"
+                  for t in tallies]
     changes = [e for e in kept if e.kind != "baseline"]
     if changes:
         lines += ["", "## Kept changes", ""]
         for e in changes:
-            lines += [f"### #{e.id} {clean(e.description)}", ""]
+            by = f" (by {clean(e.agent)})" if len(tallies) > 1 else ""
+            lines += [f"### #{e.id} {clean(e.description)}{by}", ""]
             if e.rationale:
                 lines += [clean(e.rationale, one_line=False), ""]
             body = clean(e.patch, one_line=False).rstrip()

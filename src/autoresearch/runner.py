@@ -14,7 +14,8 @@ writes `model.pt2` into the handoff directory and then a file named `ready`; the
 calls the evaluator on the copy in a thread while the run waits for `result.json`. Everything in
 that directory is the run's: a link, a named pipe or a huge file in place of the model is refused,
 never followed, waited on or read past a cap, and a model changed after its copy was taken makes
-the hand-off void (see _Handoff).
+the hand-off void (see _Handoff). The protocol's names are in handoff.py; the process-group
+helpers, shared with the coding-assistant agents, in procgroup.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ import psutil
 
 from . import settings
 from .config import PASS_ENV, SECRET_PATTERNS
+from .handoff import CACHE_ENV, HANDOFF_MAX_BYTES, MODEL, READY, RESULT
+from .procgroup import group_alive, is_live, kill_group, scrub_env, signal_group, wait_until  # noqa: F401  (re-exported)
 from .runlog import CappedLog
 from .sandbox import MODES, Confinement, Mode, SandboxUnavailable, confine
 
@@ -66,8 +69,6 @@ _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interru
 _KEY_VALUE = re.compile(r"([A-Za-z_][\w.\-/]*)\s*:\s*(.*)$")
 _DASHES = re.compile(rb"^---[ \t\r]*$", re.M)
 _HANDOFF_POLL = 0.1  # seconds between looks for `<handoff_dir>/ready`
-MODEL, READY, RESULT = "model.pt2", "ready", "result.json"  # the files of the handoff protocol
-HANDOFF_MAX_BYTES = 16 * 2**30  # a handed-over model larger than this is refused (the cuda preset's is ~0.1 GiB)
 _COPY_CHUNK = 8 * 2**20
 
 
@@ -141,19 +142,13 @@ class RunResult:
     handoff_error: str | None = None
 
 
-def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]:
-    """A copy of `env` without the variables whose name matches a pattern (fnmatch, any case)."""
-    upper = [p.upper() for p in patterns]
-    return {k: v for k, v in env.items() if not any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
-
-
 def run_env(env: Mapping[str, str], allow: Iterable[str], deny: Iterable[str]) -> dict[str, str]:
     """The variables of `env` a run gets: those that match an `allow` pattern and no `deny` pattern
     (fnmatch, any case). The run's HOME is not the user's (see sandbox.py), so what lives under the
     real one by default is named: the data cache and, when it exists, the user's site-packages."""
     upper = [p.upper() for p in allow]
     passed = {k: v for k, v in scrub_env(env, deny).items() if any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
-    passed.setdefault("AUTORESEARCH_CACHE", str(settings.cache_dir()))
+    passed.setdefault(CACHE_ENV, str(settings.cache_dir()))
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         passed.setdefault("PYTHONUSERBASE", site.getuserbase())
     return passed
@@ -172,34 +167,6 @@ def parse_summary(text: str) -> dict[str, float | str]:
             except ValueError:
                 summary[match.group(1)] = value
     return summary
-
-
-def group_alive(pgid: int) -> bool:
-    """True while the process group has a member that is not a zombie."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists but belongs to another user
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid and _live(proc):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def kill_group(pgid: int, grace_seconds: float = 3.0) -> None:
-    """End a process group: SIGTERM, up to `grace_seconds` to exit, then SIGKILL."""
-    if pgid <= 1 or pgid == os.getpgrp():
-        raise ValueError(f"refusing to kill process group {pgid}: it is not a training run's group")
-    for sig, wait in ((signals.SIGTERM, grace_seconds), (signals.SIGKILL, 2.0)):
-        if not group_alive(pgid):
-            return
-        _killpg(pgid, sig)
-        _wait_until(lambda: not group_alive(pgid), wait)
 
 
 def run_experiment(spec: RunSpec) -> RunResult:
@@ -355,13 +322,6 @@ def _watch(proc: subprocess.Popen[bytes], spec: RunSpec, tree: _Tree, start: flo
             return False
         except subprocess.TimeoutExpired:
             continue
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _oom_kill_count() -> int:
@@ -614,11 +574,11 @@ class _Tree:
 
     def gone(self) -> bool:
         return (self.proc.poll() is not None and not group_alive(self.proc.pid)
-                and not any(_live(p) for p in self.known.values()))
+                and not any(is_live(p) for p in self.known.values()))
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None or group_alive(self.proc.pid):
-            _killpg(self.proc.pid, sig)
+            signal_group(self.proc.pid, sig)
         for proc in self.known.values():
             try:
                 proc.send_signal(sig)  # psutil first checks that the pid was not reused
@@ -632,23 +592,9 @@ class _Tree:
         try:
             if not done:
                 self.signal(signals.SIGTERM)
-                done = _wait_until(self.gone, grace)
+                done = wait_until(self.gone, grace)
         finally:
             if not done:
                 self.signal(signals.SIGKILL)
                 self.proc.wait()
-                _wait_until(self.gone, 2.0)
-
-
-def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not (finished := done()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return finished
-
-
-def _live(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+                wait_until(self.gone, 2.0)

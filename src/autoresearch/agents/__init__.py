@@ -6,7 +6,9 @@
   OpenRouter: set base_url); `anthropic:<model>`: Anthropic's API.
 - `claude-code`, `codex`: the coding assistants, run headless in a worktree of their own.
 
-Options come from the `[agent]` table of autoresearch.toml; unknown keys are an error.
+Options come from the `[agent]` table of autoresearch.toml; unknown keys are an error. Several
+agents share a run as an `AgentPool` (agents/pool.py): `make_agents` builds one from `[[agents]]`
+entries or repeated --agent specs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Agent, AgentError, Proposal, ResearchContext
+from .pool import AgentPool
 
-__all__ = ["Agent", "AgentError", "Proposal", "ResearchContext", "make_agent", "AGENT_SPECS"]
+if TYPE_CHECKING:
+    from ..config import AgentSpec
+
+__all__ = ["Agent", "AgentError", "AgentPool", "Proposal", "ResearchContext", "make_agent", "make_agents",
+           "AGENT_SPECS"]
 
 AGENT_SPECS = ("hparam", "patches:DIR", "openai:MODEL", "anthropic:MODEL", "claude-code[:MODEL]", "codex[:MODEL]")
 OPTIONS = {
@@ -30,17 +37,36 @@ OPTIONS = {
 
 
 def make_agent(spec: str, root: Path, options: dict[str, Any] | None = None, *, editable: Sequence[str] = ("train.py",),
-               tag: str = "run", base_url: str | None = None) -> Agent:
-    """The agent a spec names. `root` is the lab; `options` the [agent] table; `editable` the lab's globs."""
+               tag: str = "run", base_url: str | None = None, where: str = "[agent]") -> Agent:
+    """The agent a spec names. `root` is the lab; `options` the [agent] table (`where`: the table
+    they come from, for messages); `editable` the lab's globs."""
     options = dict(options or {})
     unknown = sorted(set(options) - set().union(*OPTIONS.values()))
     if unknown:
-        raise AgentError(f"autoresearch.toml: [agent] has unknown option(s) {', '.join(unknown)}",
+        raise AgentError(f"autoresearch.toml: {where} has unknown option(s) {', '.join(unknown)}",
                          f"known options: {', '.join(sorted(set().union(*OPTIONS.values())))}")
     try:
         return _build(spec, root, options, list(editable), tag, base_url)
     except (TypeError, ValueError) as exc:
-        raise AgentError(f"autoresearch.toml: bad [agent] option: {exc}") from None
+        raise AgentError(f"autoresearch.toml: bad {where} option: {exc}") from None
+
+
+def make_agents(specs: Sequence[AgentSpec], root: Path, *, editable: Sequence[str] = ("train.py",),
+                tag: str = "run", base_url: str | None = None) -> Agent:
+    """The agent of one spec, or an AgentPool of several, each built by make_agent with its own
+    options. A coding assistant after the first gets a scratch worktree of its own (`TAG-2`, ...)."""
+    if not specs:
+        raise AgentError("no agent given", "pass --agent, or add [[agents]] entries to autoresearch.toml")
+    members: list[tuple[Agent, float]] = []
+    assistants = 0
+    for s in specs:
+        own_tag = tag
+        if s.spec.partition(":")[0] in ("claude-code", "codex"):
+            assistants += 1
+            own_tag = tag if assistants == 1 else f"{tag}-{assistants}"
+        members.append((make_agent(s.spec, root, s.options, editable=editable, tag=own_tag, base_url=base_url,
+                                   where=s.where), s.weight))
+    return members[0][0] if len(members) == 1 else AgentPool(members)
 
 
 def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], tag: str,

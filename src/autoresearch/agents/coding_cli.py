@@ -34,11 +34,12 @@ from typing import Any, Literal
 
 from ..config import SECRET_PATTERNS
 from ..errors import AgentAuthFailed, AgentUnavailable, GitError
+from ..experiment import Experiment
 from ..gitrepo import Git
+from ..handoff import NO_TRAIN_ENV
 from ..lab import STATE_DIR
-from ..ledger import Experiment
-from ..runner import group_alive, kill_group, scrub_env
-from .base import AgentError, Proposal, ResearchContext
+from ..procgroup import group_alive, kill_group, scrub_env
+from .base import AgentBase, AgentError, Proposal, ResearchContext
 
 Kind = Literal["claude-code", "codex"]
 HISTORY_LIMIT = 60  # the most recent experiments shown in the prompt, kept ones added
@@ -63,7 +64,7 @@ CLIS: dict[str, _CLI] = {
 }
 
 
-class CodingCLIAgent:
+class CodingCLIAgent(AgentBase):
     """Runs Claude Code or Codex headless in a scratch worktree and returns its diff as the proposal."""
 
     slow = True  # minutes per proposal: the loop prepares the next one while an experiment runs
@@ -141,7 +142,7 @@ class CodingCLIAgent:
         self.transcripts.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)  # milliseconds: two sessions never share a name
         transcript = self.transcripts / f"{self.tag}-{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{self.kind}.txt"
-        env = {**os.environ, "AUTORESEARCH_NO_TRAIN": "1"}
+        env = {**os.environ, NO_TRAIN_ENV: "1"}
         with tempfile.TemporaryDirectory(prefix="autoresearch-assistant-") as scratch:
             tmp = Path(scratch)
             (tmp / "prompt.txt").write_text(prompt, encoding="utf-8")

@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from ..ledger import Experiment
+from ..experiment import Experiment
 from .base import ResearchContext
 from .edits import FORMAT_RULES, REPLY_FORMAT
 
 NEAR_MISSES = 5  # at most this many near misses, from the best 20% of discards
 DIFF_CHARS = 6_000  # one diff in the history is cut after this many characters
 DESCRIPTION_CHARS = 160  # a table row's description
+AGENT_CHARS = 40  # a table row's agent (who proposed it)
 LOG_LINES, LOG_CHARS = 60, 6_000  # the end of a failed run's log
 LANGUAGES = {".py": "python", ".md": "markdown", ".toml": "toml", ".json": "json", ".sh": "bash",
              ".yaml": "yaml", ".yml": "yaml", ".c": "c", ".cpp": "cpp", ".cu": "cuda", ".rs": "rust"}
@@ -86,11 +87,17 @@ def _cut(text: str, limit: int, keep_end: bool = False) -> str:
     return "\n".join([note, *reversed(kept)] if keep_end else [*kept, note])
 
 
+def _agent(e: Experiment) -> str:
+    """Who proposed e, as one short line (several agents may share a run)."""
+    return _line(e.agent, AGENT_CHARS) or "-"
+
+
 def _row(e: Experiment) -> str:
     delta = _delta(e)
     status = e.status if e.kind == "experiment" else f"{e.status} ({e.kind})"
     description = _line(e.description, DESCRIPTION_CHARS).replace("|", "\\|")  # a pipe would end the cell
-    return (f"| {e.id} | {status} | {'-' if e.metric is None else f'{e.metric:.6f}'} | "
+    agent = _agent(e).replace("|", "\\|")
+    return (f"| {e.id} | {agent} | {status} | {'-' if e.metric is None else f'{e.metric:.6f}'} | "
             f"{'-' if delta is None else f'{delta:+.6f}'} | {'-' if e.lines_changed is None else e.lines_changed} | "
             f"{description} |")
 
@@ -111,20 +118,22 @@ def history_table(history: list[Experiment], max_rows: int | None, direction: st
         for status in sorted({e.status for e in summarised}, key=lambda s: (order.get(s, len(order)), s)):
             group = [e for e in summarised if e.status == status]
             best = max(group, key=lambda e: (_gain(e, direction), -e.id))
-            detail = (f" (best #{best.id}: {best.metric:.6f}, delta {_delta(best):+.6f}, {_line(best.description, 80)})"
+            detail = (f" (best #{best.id} by {_agent(best)}: {best.metric:.6f}, delta {_delta(best):+.6f}, "
+                      f"{_line(best.description, 80)})"
                       if best.metric is not None and _delta(best) is not None else "")
             out.append(f"- {len(group)} {status}{detail}")
         out.append("")
-    out += ["| id | status | metric | delta | lines | description |", "|---|---|---|---|---|---|"]
+    out += ["| id | agent | status | metric | delta | lines | description |", "|---|---|---|---|---|---|---|"]
     out += [_row(e) for e in listed]
     return "\n".join(out)
 
 
 def _diff_entry(e: Experiment, metric_name: str) -> str:
     delta = _delta(e)
-    score = "" if e.metric is None else f" ({metric_name} {e.metric:.6f}" + (
-        "" if delta is None else f", delta {delta:+.6f}") + ")"
-    return f"### #{e.id}: {_line(e.description, 200)}{score}\n{_fenced(_cut(e.patch or '', DIFF_CHARS), 'diff')}"
+    score = "" if e.metric is None else f"{metric_name} {e.metric:.6f}" + (
+        "" if delta is None else f", delta {delta:+.6f}") + ", "
+    return (f"### #{e.id}: {_line(e.description, 200)} ({score}by {_agent(e)})\n"
+            f"{_fenced(_cut(e.patch or '', DIFF_CHARS), 'diff')}")
 
 
 def _system(context: ResearchContext) -> str:
@@ -220,6 +229,8 @@ def build_prompt(context: ResearchContext, *, max_chars: int = 120_000, hardware
     history = list(context.history)
     note = (f"{len(history)} experiments so far. delta = metric minus the champion's metric when the experiment "
             f"was judged ({'negative' if context.direction == 'min' else 'positive'} is better).")
+    if len({e.agent for e in history if e.kind == "experiment"}) > 1:
+        note += " Several agents share this run: `agent` says who proposed each experiment."
     last = context.last_failure
     if last is not None and repair is None:
         note += f"\nThe latest experiment, #{last.id}, failed ({last.status}): {_line(last.reason, 500) or '-'}"

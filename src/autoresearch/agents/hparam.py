@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ..constants import Constant, find_constants, set_constants
 from ..errors import ConfigError
-from .base import AgentError, Proposal, ResearchContext
+from .base import AgentBase, AgentError, Proposal, ResearchContext
 
 Value = Any  # int | float | str | bool: the value of one searched dimension
 FAILED = ("crash", "timeout", "invalid")
@@ -320,7 +320,7 @@ def _write(source: str, values: dict[str, Value]) -> str:
     return text
 
 
-class HparamAgent:
+class HparamAgent(AgentBase):
     """Proposes changes of at most `max_changes` hyperparameter constants, sampled by Optuna TPE.
 
     `space` is the [agent.space] table of autoresearch.toml; `section` the heading that marks the

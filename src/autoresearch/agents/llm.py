@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ContextTooLong
-from ..ledger import Experiment
-from .base import AgentError, Proposal, ResearchContext
+from ..experiment import Experiment
+from .base import AgentBase, AgentError, Proposal, ResearchContext
 from .context import Prompt, RepairRequest, build_prompt
 from .edits import EditBlock, apply_edits, describe_problem, parse_reply
 from .providers import Completion, Message, Provider
@@ -43,10 +43,11 @@ class Usage:
                 "requests": self.requests, "llm_seconds": round(self.seconds, 3)}
 
 
-class LLMAgent:
+class LLMAgent(AgentBase):
     """Proposes code changes with a chat model. Slow: the loop prepares proposals ahead."""
 
     slow = True
+    can_rebase = True  # the same SEARCH/REPLACE blocks, on the new champion's files
 
     def __init__(self, provider: Provider, editable: Callable[[str], bool], *, max_attempts: int = 3,
                  max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AgentError, Proposal, ResearchContext
+from .base import AgentBase, AgentError, Proposal, ResearchContext
 
 SUFFIXES = (".patch", ".diff")
 
 
-class PatchesAgent:
+class PatchesAgent(AgentBase):
     """Proposes the patch files of a directory, one per experiment, in name order."""
 
     def __init__(self, directory: Path) -> None:

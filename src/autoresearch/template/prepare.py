@@ -40,6 +40,7 @@ from autoresearch.data.tokenizer import BOS_TOKEN, load_encoding
 from autoresearch.devices import lab_device, peak_flops  # noqa: F401  (re-exported for train.py)
 from autoresearch.attention_kernels import load_flash_attention  # noqa: F401
 from autoresearch import devices as _devices
+from autoresearch import handoff as _handoff  # the names of the hand-off protocol, shared with the runner
 from autoresearch.presets import get_preset
 from autoresearch.errors import AutoresearchError
 
@@ -58,7 +59,7 @@ VOCAB_SIZE = _config.task.vocab_size    # BPE vocabulary, special tokens include
 EVAL_TOKENS = _config.task.eval_tokens  # validation tokens scored by evaluate_bpb
 # Training seconds. `autoresearch run --budget` sets AUTORESEARCH_BUDGET for one run; the runner
 # also enforces the budget from outside, so this number is a promise train.py keeps, not a trust.
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_BUDGET") or _config.budget)
+TIME_BUDGET = float(os.environ.get(_handoff.BUDGET_ENV) or _config.budget)
 
 TRAIN_SEED = 1337  # document order of the training split (a new seeded order every epoch)
 
@@ -91,7 +92,7 @@ def _prepared():
     try:
         # Under autoresearch the model is handed to a trusted evaluator and the validation and test
         # shards are out of the run's reach: only the training split is checked here.
-        splits = ("train",) if os.environ.get("AUTORESEARCH_HANDOFF") else ("train", "val", "test")
+        splits = ("train",) if os.environ.get(_handoff.HANDOFF_ENV) else ("train", "val", "test")
         return _data.load_prepared(DATASET, VOCAB_SIZE, splits)
     except AutoresearchError as exc:
         sys.exit(f"error: {exc}")
@@ -184,9 +185,9 @@ def make_dataloader(tokenizer, B, T, split, device=None, *, producers=None):
     tokenized on `producers` threads (default: one per core but one, at most 8; with 1 the packing
     thread tokenizes too). The batches are the same, in the same order, whatever the number.
     """
-    if split == "train" and os.environ.get("AUTORESEARCH_NO_TRAIN"):
+    if split == "train" and os.environ.get(_handoff.NO_TRAIN_ENV):
         # set for coding assistants that propose changes: the loop runs experiments, they do not
-        sys.exit("error: training is disabled here (AUTORESEARCH_NO_TRAIN is set): autoresearch runs experiments itself")
+        sys.exit(f"error: training is disabled here ({_handoff.NO_TRAIN_ENV} is set): autoresearch runs experiments itself")
     device = torch.device(device) if device is not None else detect_device()
     cuda = device.type == "cuda"
     workers = default_producers() if producers is None else producers
@@ -239,7 +240,7 @@ def evaluate_bpb(model, tokenizer, batch_size, split="val"):
     tokens (BOS, 0 bytes) count in neither sum. Always the same rows: the first EVAL_TOKENS tokens
     of the split packed at MAX_SEQ_LEN, whatever the batch size, and never more than one pass.
     """
-    handoff = os.environ.get("AUTORESEARCH_HANDOFF")
+    handoff = os.environ.get(_handoff.HANDOFF_ENV)
     if handoff:
         return hand_off(model, Path(handoff))
     prepared = _prepared()
@@ -277,7 +278,7 @@ class _Forward(torch.nn.Module):
 
 def _handoff_fail(folder, message):
     """Record why the model could not be handed over, say it in one line, exit 1."""
-    (folder / "handoff-error.json").write_text(json.dumps({"error": message}) + "\n")
+    (folder / _handoff.ERROR).write_text(json.dumps({"error": message}) + "\n")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -312,10 +313,11 @@ def hand_off(model, folder):
         arithmetic shape expressions before torch reads the file (checked against torch 2.13; a
         new torch version needs the check reviewed).
 
-    Protocol (the loop's side is in autoresearch.evaluator): write model.pt2, then `ready`; wait for
+    Protocol (autoresearch.handoff names its files and variables; the loop's side is in
+    autoresearch.runner and autoresearch.evaluator): write model.pt2, then `ready`; wait for
     result.json, at most AUTORESEARCH_HANDOFF_TIMEOUT seconds (default 600).
     """
-    if (folder / "ready").exists():
+    if (folder / _handoff.READY).exists():
         _handoff_fail(folder, "evaluate_bpb hands the model to the evaluator once per run: call it once, at the end")
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper shares the module's weights
     model.eval()
@@ -336,9 +338,9 @@ def hand_off(model, folder):
             program = torch.export.export(_Forward(model, autocast_dtype), (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001 - export fails in many ways; each ends the run with its reason
         _handoff_fail(folder, f"the forward pass cannot be exported: {type(exc).__name__}: {exc}".splitlines()[0])
-    with open(folder / "model.pt2.tmp", "wb") as handle:  # a file object: torch warns about the name otherwise
+    with open(folder / f"{_handoff.MODEL}.tmp", "wb") as handle:  # a file object: torch warns about the name otherwise
         torch.export.save(program, handle)
-    os.replace(folder / "model.pt2.tmp", folder / "model.pt2")
+    os.replace(folder / f"{_handoff.MODEL}.tmp", folder / _handoff.MODEL)
     if device.type == "cuda":
         # the evaluator loads the model on this same GPU while the run waits: give the allocator's
         # cached blocks (the training batch's activations, export's copies) back to the driver
@@ -349,13 +351,13 @@ def hand_off(model, folder):
         torch.mps.empty_cache()
     n_params = sum(p.numel() for p in model.parameters())
     ready = {"pid": os.getpid(), "time": time.time(), "printed_by": "evaluate_bpb", "n_params": n_params}
-    (folder / "ready.tmp").write_text(json.dumps(ready) + "\n")
-    os.replace(folder / "ready.tmp", folder / "ready")
-    timeout = float(os.environ.get("AUTORESEARCH_HANDOFF_TIMEOUT") or 600)
+    (folder / f"{_handoff.READY}.tmp").write_text(json.dumps(ready) + "\n")
+    os.replace(folder / f"{_handoff.READY}.tmp", folder / _handoff.READY)
+    timeout = float(os.environ.get(_handoff.HANDOFF_TIMEOUT_ENV) or _handoff.DEFAULT_TIMEOUT)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            result = json.loads((folder / "result.json").read_text())
+            result = json.loads((folder / _handoff.RESULT).read_text())
             break
         except (FileNotFoundError, ValueError):  # not written yet, or half written
             if time.monotonic() > deadline:
