@@ -81,3 +81,32 @@ class AgentUnavailable(AutoresearchError):
 
 class AgentAuthFailed(AgentUnavailable):
     """The server refused the API key. Never retried at once; the loop pauses, says so, and tries later."""
+
+
+class RayMissing(MissingExtra):
+    """`--ray` was asked for and Ray is not installed."""
+
+
+class RayUnreachable(AutoresearchError):
+    """`--ray` names a cluster that cannot be reached."""
+
+
+class NodeLost(AutoresearchError):
+    """A Ray node died, or the worker process running an experiment there was killed: that run is
+    lost (not a result of the experiment) and can run again on another node."""
+
+    def __init__(self, node: str, why: str) -> None:
+        super().__init__(f"lost the run on node {node}: {why}", "the experiment can run again on another node")
+        self.node, self.why = node, why
+        self.args = (node, why)  # so that a pickled copy is made the same way
+
+
+class NodeRefused(AutoresearchError):
+    """A Ray node cannot run the lab's experiments comparably with the head: its prepared data (or
+    its autoresearch) differs from the head's, or it cannot prepare the data at all."""
+
+    def __init__(self, node: str, problem: str, hint: str | None = None) -> None:
+        super().__init__(f"node {node} refused: {problem}", hint or "prepare the same data with the same autoresearch "
+                         "on that node (`autoresearch prepare`), or remove it from the cluster")
+        self.node, self.problem = node, problem
+        self.args = (node, problem, hint)

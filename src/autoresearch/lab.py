@@ -42,8 +42,9 @@ class Lab:
         return self.state_dir / "logs"
 
     def worktree(self, tag: str, worker: str | None = None) -> Path:
-        """Where a tag's experiments run: one worktree per worker (the first keeps the plain name)."""
-        name = tag if worker in (None, "w0") else f"{tag}-{worker}"
+        """Where a tag's experiments run: one worktree per worker, the first under the tag's name, the
+        others `<tag>~w1`, ... (`~` is never in a tag, so no two tags' worktrees share a name)."""
+        name = tag if worker in (None, "w0") else f"{tag}~{worker}"
         return self.state_dir / "worktrees" / name
 
     def scratch(self, experiment_id: int) -> Path:

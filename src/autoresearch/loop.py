@@ -287,7 +287,7 @@ class Loop:
             if found:
                 self.view.message(f"restored the worktree's .git file ({found} was in its place)")
             lane.wt.reset_to(start)
-        if self.cluster is not None and (ended := self.cluster.cleanup()):
+        if self.cluster is not None and (ended := self.cluster.cleanup(self.tag)):
             self.view.message(f"ended {ended} run{'s' if ended > 1 else ''} an earlier head left on the cluster")
 
     @property
@@ -441,14 +441,15 @@ class Loop:
 
     def _next_proposal(self, context: ResearchContext) -> tuple[Proposal, float, float] | None:
         """(proposal, seconds the agent took, seconds the loop waited), or None to go round again."""
-        self.view.proposing()
+        self.view.proposing(self.slot.name if self.parallel else None)
         prepared, self._prefetch = self._prefetch, None
         t0 = time.monotonic()
         if prepared is not None:
             prepared.thread.join()
             waited = time.monotonic() - t0
             if prepared.error is not None:
-                return self._agent_failed(prepared.error)
+                self._agent_failed(prepared.error)
+                return None
             took = prepared.seconds
             proposal = prepared.proposal
             if proposal is not None and prepared.context.champion_commit != context.champion_commit:
@@ -459,7 +460,8 @@ class Loop:
             try:
                 proposal = self.agent.propose(context)
             except AutoresearchError as exc:
-                return self._agent_failed(exc)
+                self._agent_failed(exc)
+                return None
             took = waited = time.monotonic() - t0
         if proposal is None:
             self.stop_reason = "the agent has nothing more to propose"
@@ -643,8 +645,8 @@ class Loop:
         def started(pid: int, pgid: int) -> None:
             self.ledger.update(eid, pid=pid, pgid=pgid)
 
-        if self.cluster is not None:
-            return dict(self.cluster.run(self.slot, job, log, on_start=started, cancel=self.abandon))
+        if self.cluster is not None:  # the pid and group are the node's: its markers end them (ray_backend)
+            return dict(self.cluster.run(self.slot, job, log, cancel=self.abandon))
         name = self.slot.name if self.parallel else None
         tick = (lambda t: self.view.tick(t, name)) if name else self.view.tick
         return run_job(self.lab, self.wt, self.worktree, self.slot, job, log, on_start=started, on_tick=tick)
@@ -762,8 +764,9 @@ class Loop:
         """A new champion's score on the held-out test split (recorded, never used to decide)."""
         if not is_trusted(self.config):
             return e
+        device = self.device if self.cluster is None else device_of(self.lab, Slot())  # Ray: the head's own
         bpb, why_not = test_split_bpb(self._scratch(e), self.trusted_lab(), self.config.eval_allowance,
-                                      self.device.type, self.device.env)
+                                      device.type, device.env)
         if bpb is None:
             self.view.message(f"test split not measured for #{e.id}: {why_not}")
             return e

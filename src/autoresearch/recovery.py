@@ -54,6 +54,8 @@ def clear_stale_git_locks(git: Git, root: Path, tag: str) -> None:
     common = common if common.is_absolute() else (root / common)
     candidates = [common / "refs" / "heads" / "autoresearch" / f"{tag}.lock",
                   common / "worktrees" / tag / "index.lock", common / "worktrees" / tag / "HEAD.lock"]
+    for worker in (common / "worktrees").glob(f"{tag}~w*"):  # the other workers' (Lab.worktree)
+        candidates += [worker / "index.lock", worker / "HEAD.lock"]
     candidates += list((common / "refs" / "autoresearch" / "experiments").glob("*.lock"))
     for lock in candidates:
         lock.unlink(missing_ok=True)

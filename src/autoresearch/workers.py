@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .agents.base import Agent, Proposal, ResearchContext
-from .errors import ConfigError
+from .errors import ConfigError, NodeLost
 from .execution import device_of, local_slots, visible_gpus
 from .judge import block_of
 from .ledger import Experiment
@@ -67,24 +67,33 @@ def plan_lanes(loop: Loop) -> None:
 
     options = loop.options
     if options.ray is not None:
-        from .ray_backend import RayCluster
+        from .ray_backend import RayCluster, fingerprints
 
-        loop.cluster = RayCluster(options.ray, loop.lab)
-        slots = loop.cluster.slots()
+        cluster = loop.cluster = RayCluster(options.ray, loop.lab)
+        slots = cluster.slots()
         if not slots:
             raise ConfigError("the Ray cluster has no node to run on", "start a node with `ray start --address ...`")
+        cluster.check_nodes(fingerprints(loop.config))  # same data, tokenizer and code everywhere, or refused
     else:
         device = loop.lanes[0].device.type
         slots = local_slots(options.workers or 0, device, visible_gpus() if device == "cuda" else None)
         if len(slots) == 1:
             return
     lanes = [Lane(slot, loop.lab.worktree(loop.tag, slot.name), device_of(loop.lab, slot)) for slot in slots]
-    regimes = {lane.slot.regime(lane.device.type) for lane in lanes}
+    regimes = {regime_of(loop, lane) for lane in lanes}
     if len(regimes) > 1:
         raise ConfigError(f"the workers would run under different resources ({', '.join(sorted(regimes))}): their "
                           "metrics would not be comparable", "give every worker the same kind of device")
     loop.lanes, loop.parallel, loop.regime = lanes, True, regimes.pop()
     loop.agent = Serialized(loop.agent)
+
+
+def regime_of(loop: Loop, lane: Lane) -> str:
+    """A worker's resources as the judge compares them. A Ray worker on CPUs is not bound to cores (Ray
+    counts them): its share is the number of CPUs Ray gives each of its runs."""
+    if loop.cluster is not None and lane.slot.gpu is None:
+        return f"cpu x{loop.cluster.cores(lane.slot):g}"
+    return lane.slot.regime(lane.device.type)
 
 
 @dataclass
@@ -208,14 +217,13 @@ class Pool:
 
         loop = self.loop
         loop._here.lane = lane
-        lost = _node_lost_error()
         try:
             while (work := self.claim()) is not None:
                 with self.cond:
                     self.busy[lane.slot.name] = work
                 try:
                     work.do(work)
-                except lost as exc:
+                except NodeLost as exc:
                     self._lost(lane, work, exc)
                     return
                 finally:
@@ -278,20 +286,7 @@ class Pool:
                 kill_group(e.pgid)
 
 
-def _node_lost_error() -> type[BaseException]:
-    """ray_backend.NodeLost when Ray is in use, else an exception nothing raises."""
-    try:
-        from .ray_backend import NodeLost
-    except ImportError:
-        return _Never
-    return NodeLost  # type: ignore[no-any-return]
-
-
 _NO_LOCK = contextlib.nullcontext()
-
-
-class _Never(Exception):
-    pass
 
 
 def run_lanes(loop: Loop) -> None:
