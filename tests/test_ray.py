@@ -81,16 +81,21 @@ def test_fingerprint_differences_name_what_differs() -> None:
         "val split: head aaaaaaaa, node cccccccc", "torch: head 2.13.0, node missing"]
 
 
-@pytest.mark.parametrize("mode", ["auto", "none"])
+@pytest.mark.parametrize("mode", ["auto", "none", "unshare"])
 def test_a_runs_sandbox_dies_with_the_process_that_started_it(mode: str, tmp_path: Path) -> None:
-    """What ends a run whose Ray worker is killed: bwrap's --die-with-parent, or the reaper's
-    PR_SET_PDEATHSIG. unshare (root without bubblewrap) outlives it; RayCluster.cleanup ends that."""
+    """What ends a run whose Ray worker (or orchestrator) is killed: bwrap's --die-with-parent, the
+    reaper's PR_SET_PDEATHSIG, or for unshare (root without bubblewrap) the shim that starts it with one."""
     if mode == "auto" and sandbox.bwrap_executable() is None and sandbox.unshare_executable() is not None:
-        pytest.skip("unshare outlives its parent: RayCluster.cleanup ends such runs (tested below)")
+        mode = "unshare"
+    if mode == "unshare" and sandbox.unshare_executable() is None:
+        pytest.skip("unshare cannot build the fallback here (needs Linux and root)")
+    without_bwrap = "sandbox.bwrap_executable = lambda: None" if mode == "unshare" else ""
+    mode = "auto" if mode == "unshare" else mode
     parent_code = f'''
 import json, sys
 from pathlib import Path
-from autoresearch import runner
+from autoresearch import runner, sandbox
+{without_bwrap}
 folder = Path(sys.argv[1])
 code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); time.sleep(300)"
 runner.run_experiment(runner.RunSpec(command=[sys.executable, "-c", code], cwd=folder, log_path=folder / "run.log",

@@ -61,6 +61,16 @@ _PROBE_SECONDS = 10.0
 # kills it, and with it the namespace), and a /proc of that namespace only, so the run cannot read the
 # orchestrator's environment (its API keys) in /proc/<pid>/environ.
 _UNSHARE = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc")
+# unshare itself does not die with its parent: this starts it with PR_SET_PDEATHSIG (SIGKILL), kept
+# across exec, so a killed orchestrator (or Ray worker) takes unshare, and by --kill-child the whole
+# namespace, with it. A parent that died before the call is noticed by the pid it was given.
+_DIE_WITH_PARENT = r"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(137)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 # The process that runs the command whenever bubblewrap does not. Standard library only, started with
 # `python -I` so nothing in the worktree or the environment can stand in for it. On Linux it makes
@@ -68,8 +78,8 @@ _UNSHARE = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc")
 # child instead of init's: every process of the run stays below it, and nothing else does (the
 # orchestrator's own children, the evaluator and the agents', are never among them). It passes
 # SIGTERM, SIGINT and SIGHUP on to every process of the run and gets SIGTERM itself when its parent
-# dies (the orchestrator; under unshare, unshare, which outlives a killed orchestrator until the
-# loop's recovery ends its group). When the command's own process ends, it ends the rest (SIGTERM,
+# dies (the orchestrator; under unshare, unshare, which _DIE_WITH_PARENT makes die with the
+# orchestrator). When the command's own process ends, it ends the rest (SIGTERM,
 # 1 s, SIGKILL) and exits as the command did: the same code, the same signal (as pid 1, which no
 # signal of its own can end, 128 + the signal). Under `unshare --pid` it is pid 1, which nothing in the run can signal,
 # and the command runs without capabilities or a way to gain them (root's would undo the namespaces).
@@ -241,7 +251,8 @@ def confine(mode: str, argv: Sequence[str], cwd: Path, writable: Iterable[Path] 
     reaper = [sys.executable, "-I", "-c", _REAPER, *argv]
     unshare = unshare_executable() if mode == "auto" else None
     if unshare is not None:
-        return Confinement("unshare-net", [unshare, *_UNSHARE, "--", *reaper], env, private)
+        shim = [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid())]
+        return Confinement("unshare-net", [*shim, unshare, *_UNSHARE, "--", *reaper], env, private)
     return Confinement("none", reaper, env, private)
 
 
