@@ -323,3 +323,16 @@ def test_a_disturbed_run_counts_for_no_figure_and_old_repeats_keep_their_group(t
                    description="repeat", status="measured", outcome="ok", metric=1.0)
         old = ledger.experiments("t")[0]
     assert block_of(old) == 1
+
+
+def test_runs_that_use_no_cpu_have_no_core_count(tmp_path: Path) -> None:
+    """A target whose run sleeps (waiting on a device or a service) records 0.0 CPU seconds: that
+    says nothing about the cores it had, and the judge must neither divide by it nor call it disturbed."""
+    idle = {"cpu_seconds": 0.0, "run_seconds": 2.05}
+    history = rows(tmp_path, [("B", 1.0, idle)] + [("R", 1.0, idle)] * 3 + [("C", 0.9, idle), ("H", 1.0, idle)])
+    base, cand = history[0], history[4]
+    assert judge.cores(base) is None
+    runs = judge.Runs(history)
+    assert runs.latest(base) and not runs.disturbed(base)
+    assert judge.Procedure(JudgeConfig(), "min").promising(cand, base, history, False)[0]
+    assert next_step(cand, base, history, JudgeConfig(), "min", False).action in ("run", "keep", "discard")

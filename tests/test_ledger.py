@@ -76,3 +76,19 @@ def test_rows_and_tsv_export(tmp_path: Path) -> None:
     assert lines == ["commit\tval_bpb\tmemory_gb\tstatus\tdescription",
                      "aaaaaaa\t1.250000\t0.5\tkeep\tbaseline",
                      "bbbbbbb\t0.000000\t0.0\tcrash\tLR 0.1 -> 0.2"]
+
+
+def test_rows_are_reused_until_anyone_writes(tmp_path: Path) -> None:
+    """experiments() reuses the rows it read until this connection or another one writes."""
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as writer, Ledger(path) as reader:
+        writer.add(run_id=None, tag="t", kind="baseline", parent_commit="abc", agent="a", description="one")
+        first = reader.experiments("t")
+        assert reader.experiments("t") == first and reader.experiments("t") is not first  # a copy each time
+        writer.add(run_id=None, tag="t", kind="experiment", parent_commit="abc", agent="a", description="two")
+        assert [e.description for e in reader.experiments("t")] == ["one", "two"]  # another connection's write
+        reader.update(first[0].id, description="changed", meta={"k": 1})
+        assert reader.experiments("t")[0].description == "changed"  # its own write
+        assert writer.experiments("t")[0].meta == {"k": 1}
+        writer.experiments("t")[0].meta["k"] = 2  # meta is parsed once and handed out as a copy
+        assert writer.experiments("t")[0].meta == {"k": 1}

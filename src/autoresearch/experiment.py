@@ -6,6 +6,7 @@ which imports it (and re-exports both names).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +65,20 @@ class Experiment:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """What the agent attached to its proposal (the hparam agent: the parameter values)."""
-        return json.loads(self.meta_json) if self.meta_json else {}
+        """What the agent attached to its proposal (the hparam agent: the parameter values). A copy:
+        the row is parsed once (the scheduler reads every row's meta on every claim)."""
+        return dict(self._meta)
 
     @property
     def summary(self) -> dict[str, Any]:
+        return dict(self._summary)
+
+    @functools.cached_property
+    def _meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_json) if self.meta_json else {}
+
+    @functools.cached_property
+    def _summary(self) -> dict[str, Any]:
         return json.loads(self.summary_json) if self.summary_json else {}
 
     @property

@@ -201,6 +201,8 @@ def cores(e: Experiment) -> float | None:
     the run was too short for the figure to mean anything."""
     if e.cpu_seconds is None or not e.run_seconds or e.run_seconds < CORES_MIN_SECONDS or e.outcome != "ok":
         return None
+    if e.cpu_seconds <= 0:  # a run that sleeps (a target waiting on a device or a service): nothing measured
+        return None
     return e.cpu_seconds / e.run_seconds
 
 

@@ -9,7 +9,9 @@ an experiment runs (status `running`) and completed after, so no experiment can 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,12 +133,17 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # The rows read since the last write are reused (a run's workers read the tag's rows many
+        # times per claim): this connection's writes bump _version, another connection's change
+        # SQLite's `PRAGMA data_version`.
+        self._version = 0
+        self._cache: dict[str | None, tuple[tuple[int, int], list[Experiment]]] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # one connection shared by the orchestrator's threads (its workers), every use under _lock
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._journal_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
@@ -157,6 +164,7 @@ class Ledger:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
+            self._version += 1
             try:
                 yield self.db
             except BaseException:
@@ -168,10 +176,26 @@ class Ledger:
         with self._lock:
             return list(self.db.execute(sql, args))
 
+    def _journal_wal(self) -> None:
+        """Switch to WAL. The switch takes the database exclusively and does not wait on the busy
+        timeout, so a second process opening the ledger at the same moment retries it."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        done = {row[0] for row in self.db.execute("SELECT name FROM _migrations")}
+        """Apply the migrations this ledger lacks. Each one is checked and applied in one write
+        transaction, so two processes opening a new ledger at once never apply one twice."""
         known = {m.__name__ for m in MIGRATIONS}
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
         if done - known:
             raise LedgerError(f"the ledger {self.path} was written by a newer autoresearch ({sorted(done - known)[-1]})",
                               "upgrade autoresearch")
@@ -179,6 +203,8 @@ class Ledger:
             if migration.__name__ in done:
                 continue
             with self.transaction() as db:
+                if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (migration.__name__,)).fetchone():
+                    continue  # another process applied it meanwhile
                 migration(db)
                 db.execute("INSERT INTO _migrations VALUES (?, ?)", (migration.__name__, time.time()))
 
@@ -240,10 +266,16 @@ class Ledger:
         return Experiment(**dict(row))
 
     def experiments(self, tag: str | None = None) -> list[Experiment]:
-        sql, args = "SELECT * FROM experiments", ()
-        if tag is not None:
-            sql, args = sql + " WHERE tag = ?", (tag,)
-        return [Experiment(**dict(row)) for row in self._rows(sql + " ORDER BY id", args)]
+        with self._lock:
+            version = (self._version, int(self.db.execute("PRAGMA data_version").fetchone()[0]))
+            cached = self._cache.get(tag)
+            if cached is None or cached[0] != version:
+                sql, args = "SELECT * FROM experiments", ()
+                if tag is not None:
+                    sql, args = sql + " WHERE tag = ?", (tag,)
+                cached = version, [Experiment(**dict(row)) for row in self._rows(sql + " ORDER BY id", args)]
+                self._cache[tag] = cached
+            return list(cached[1])
 
     def unfinished(self, tag: str) -> list[Experiment]:
         """Experiments a killed orchestrator left `pending` or `running`."""
@@ -269,6 +301,8 @@ class Ledger:
             status = e.status if e.status in ("keep", "discard") else "crash"
             description = " ".join(e.description.split()).replace("\t", " ")
             lines.append(f"{e.short_commit}\t{metric:.6f}\t{memory:.1f}\t{status}\t{description}")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # one per writer
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(name, 0o644)
+        os.replace(name, path)

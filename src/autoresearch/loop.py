@@ -786,7 +786,8 @@ class Loop:
             self.git.run("read-tree", "-m", "-u", old, new, check=False)
 
     def _export(self) -> None:
-        self.ledger.export_tsv(self.lab.root / "results.tsv", self.tag)
+        with self.mutex:  # workers finishing together write it one at a time, the latest last
+            self.ledger.export_tsv(self.lab.root / "results.tsv", self.tag)
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:

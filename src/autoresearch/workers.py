@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -194,20 +195,24 @@ class Pool:
 
     def _experiment(self, work: Work) -> None:
         loop = self.loop
-        e = None
+        e, reserved = None, True
         try:
             # A quick agent (hparam) sees every experiment in flight, each recorded before the next is
             # proposed; a slow one's proposals are prepared ahead per worker (Loop._start_prefetch).
             with self.proposing if not loop.agent.slow else _NO_LOCK:
                 context = loop.context()
                 got = loop._next_proposal(context)
-                if got is not None:
-                    proposal, took, waited = got
-                    e = loop._record(proposal, context, took, waited)
-                    work.eid = e.id
+                with self.cond:  # the row appears and the reservation goes in one step: never counted twice
+                    if got is not None:
+                        proposal, took, waited = got
+                        e = loop._record(proposal, context, took, waited)
+                        work.eid = e.id
+                    loop.reserved -= 1
+                    reserved = False
         finally:
-            with self.cond:
-                loop.reserved -= 1
+            if reserved:
+                with self.cond:
+                    loop.reserved -= 1
         if e is not None and e.status == "running":
             loop._repair(loop._execute(e.id))
 
@@ -259,14 +264,17 @@ class Pool:
         self.alive = len(threads)
         for t in threads:
             t.start()
+        # Waits on the workers' own count, not Thread.join: a KeyboardInterrupt inside join() can mark
+        # a thread that still runs as stopped (CPython bpo-45274), and its experiment would be left
+        # `running` in the ledger.
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.2)
+            while self.alive > 0:
+                time.sleep(0.2)
         except KeyboardInterrupt:  # the second Ctrl-C: end every running experiment
             self.abandon()
-            for t in threads:
-                t.join()
+            while self.alive > 0:
+                with contextlib.suppress(KeyboardInterrupt):  # a third changes nothing: they are ending
+                    time.sleep(0.2)
             loop.stop_reason = "stopped by Ctrl-C"
         if self.errors:
             raise self.errors[0]
