@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,7 @@ def test_runs_that_use_no_cpu_have_no_core_count(tmp_path: Path) -> None:
     history = rows(tmp_path, [("B", 1.0, idle)] + [("R", 1.0, idle)] * 3 + [("C", 0.9, idle), ("H", 1.0, idle)])
     base, cand = history[0], history[4]
     assert judge.cores(base) is None
+    assert judge.cores(replace(base, cpu_seconds=1.9)) == pytest.approx(1.9 / 2.05)
     runs = judge.Runs(history)
     assert runs.latest(base) and not runs.disturbed(base)
     assert judge.Procedure(JudgeConfig(), "min").promising(cand, base, history, False)[0]
