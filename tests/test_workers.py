@@ -172,6 +172,8 @@ def test_two_workers_run_the_plan_on_the_toy_target(tmp_path: Path, judge: str) 
     assert {e.worker for e in rows} == {"w0", "w1"}
     assert all(e.regime == REGIME and e.node == "local" for e in rows), [(e.id, e.regime, e.node) for e in rows]
     assert all(e.status not in ("pending", "running") for e in rows)
+    # a row recorded but not yet run never reads as another regime's (a false re-measurement of the noise)
+    assert not [e.id for e in rows if e.kind == "repeat" and (e.meta.get("block") or 0) < 0]
     if judge == "noise":  # the noise was measured (1 + 3 repeats) before anything was judged
         base = rows[0]
         repeats = [e for e in rows if e.kind == "repeat" and e.repeat_of == base.id and e.meta.get("block") == base.id]
@@ -675,3 +677,20 @@ def test_ctrl_c_twice_waits_for_every_worker_to_record_its_experiment(tmp_path: 
     assert reason == "stopped by Ctrl-C"
     assert [(e.id, e.status) for e in rows] == [(1, "keep"), (2, "killed")], took
     assert "abandoned" in (rows[1].reason or "")
+
+
+@needs_two_cores
+def test_every_row_has_its_regime_from_birth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row recorded but not yet run must not read as the single worker's regime: a claim made in that
+    window would see "other resources" and queue a false re-measurement of the noise."""
+    born: list[object] = []
+    add = Ledger.add
+
+    def recording(self: Ledger, **fields: object) -> int:
+        born.append(fields.get("regime"))
+        return add(self, **fields)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ledger, "add", recording)
+    repo = make_target(tmp_path, sleeping(0.5), judge="noise")
+    run_loop(repo, "hparam", max_experiments=3, workers=2)
+    assert born and set(born) == {REGIME}

@@ -314,7 +314,7 @@ class Loop:
         start = self.git.resolve(self.branch) or self.git.head()
         eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="baseline", parent_commit=start,
                               commit_sha=start, agent=self.agent.name, description="baseline", status="running",
-                              lines_changed=0)
+                              lines_changed=0, regime=self.regime)
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), start)
         return eid
 
@@ -375,7 +375,7 @@ class Loop:
         eid = self.ledger.add(run_id=self.run_id, tag=self.tag, kind="repeat", repeat_of=of.id,
                               parent_commit=of.parent_commit, commit_sha=of.commit_sha, agent=of.agent,
                               description=f"repeat of #{of.id}{note}: {of.description}", status="running",
-                              lines_changed=0, meta=meta)
+                              lines_changed=0, meta=meta, regime=self.regime)
         assert of.commit_sha is not None
         self.git.update_ref(EXPERIMENT_REF.format(id=eid), of.commit_sha)
         return eid
@@ -562,6 +562,7 @@ class Loop:
             propose_seconds=propose_seconds, wait_seconds=wait_seconds, status="invalid" if reason else "running",
             reason=reason, champion_metric=context.champion_metric, finished_at=time.time() if reason else None,
             input_tokens=meta.get("input_tokens"), output_tokens=meta.get("output_tokens"), cost_usd=meta.get("cost_usd"),
+            regime=self.regime,  # from birth: a row not yet run must not read as another regime's (judged())
         )
         if commit:
             self.git.update_ref(EXPERIMENT_REF.format(id=eid), commit)
