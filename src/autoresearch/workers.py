@@ -113,7 +113,6 @@ class Pool:
         self.loop = loop
         self.cond = threading.Condition(loop.mutex)
         self.errors: list[BaseException] = []
-        self.busy: dict[str, Work] = {}
         self.alive = 0
         self.resume = self._left_unfinished()
         self.proposing = threading.Lock()  # a quick agent proposes and records one experiment at a time
@@ -224,16 +223,13 @@ class Pool:
         loop._here.lane = lane
         try:
             while (work := self.claim()) is not None:
-                with self.cond:
-                    self.busy[lane.slot.name] = work
                 try:
                     work.do(work)
                 except NodeLost as exc:
                     self._lost(lane, work, exc)
                     return
                 finally:
-                    with self.cond:
-                        self.busy.pop(lane.slot.name, None)
+                    with self.cond:  # whoever waits for the noise or a re-measurement looks again
                         self.cond.notify_all()
         except Abandoned:
             pass
