@@ -282,3 +282,33 @@ def test_run_help_names_the_new_options(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "--workers N|auto" in out and "--ray ADDRESS" in out and "[[agents]]" in out
     assert "repeat it to let several agents share the run" in out
+
+
+# ---------------------------------------------------------------------------
+# status: where a failed proposal's agent replies are
+# ---------------------------------------------------------------------------
+
+
+def test_status_names_the_replies_of_a_failed_proposal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from fake_llm import FakeLLM, Reply
+    from test_loop import make_target
+
+    repo = make_target(tmp_path)
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a small local model: no key
+    with FakeLLM(script=[Reply("I would make it faster.")]) as server:
+        assert main(["run", "--agent", "openai:small", "--base-url", server.openai_base_url, "--plain",
+                     "--max-experiments", "1", "--tag", "t"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json", "--tag", "t"]) == 0
+    rows = json.loads(capsys.readouterr().out)["experiments"]
+    assert [r["status"] for r in rows] == ["keep", "invalid"] and rows[0]["transcript"] is None
+    path = Path(rows[1]["transcript"])
+    assert path.parent == repo / ".autoresearch" / "transcripts" and path.name.endswith("-llm.json")
+    assert [x["reply"] for x in json.loads(path.read_text())["exchanges"]] == ["I would make it faster."] * 3
+    assert main(["status", "--tag", "t"]) == 0
+    out = capsys.readouterr().out
+    assert f".autoresearch/transcripts/{path.name}" in out and "(agent" in out

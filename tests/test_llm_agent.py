@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from autoresearch.agents import make_agent
+from autoresearch.agents import Agent, Proposal, ResearchContext, make_agent
+from autoresearch.agents.llm import LLMAgent, Replies, save_replies
+from autoresearch.agents.providers import ProviderOptions, make_provider
+from autoresearch.errors import AgentUnavailable
 from autoresearch.lab import find_lab
 from autoresearch.ledger import Ledger
 from autoresearch.loop import Loop, RunOptions, ledger_path
@@ -187,3 +193,109 @@ def test_missing_key_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert err.startswith("error: OPENAI_API_KEY is not set") and "\n" not in err.strip()
     assert not os.path.exists(repo / ".autoresearch" / "ledger.db") or experiments(repo, "llm") == []
+
+
+# ---------------------------------------------------------------------------
+# every conversation is saved: .autoresearch/transcripts/<tag>-<time>Z-llm.json
+# ---------------------------------------------------------------------------
+
+
+WIDTH_EDIT = edit("WIDTH = 10        # an integer knob", "WIDTH = 12        # an integer knob", "WIDTH 10 -> 12")
+
+
+def bench_context() -> ResearchContext:
+    return ResearchContext(program="Lower the score.", files={"bench.py": BENCH}, history=[],
+                           champion_commit="0" * 40, champion_metric=9.5, metric_name="score", direction="min",
+                           budget=5.0)
+
+
+def replies_agent(root: Path, server: FakeLLM) -> Agent:
+    return make_agent("openai:fake", root, {"base_url": server.openai_base_url, "max_retries": 0},
+                      editable=("bench.py",), tag="t")
+
+
+def saved(proposal: Proposal, root: Path) -> dict[str, Any]:
+    path = Path(proposal.meta["transcript"])
+    assert path.parent == root / ".autoresearch" / "transcripts"
+    assert re.fullmatch(r"t-\d{8}T\d{6}\.\d{3}Z-llm\.json", path.name), path.name
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_replies_that_are_no_edit_are_kept_verbatim(tmp_path: Path, keyed: None) -> None:
+    garbage = ["I would make it faster.", "Sure! ```python\nWIDTH = 12\n```", "réponse ✓ <<<<<<< SEARCH\nWIDTH"]
+    with FakeLLM(script=[Reply(g) for g in garbage], key=KEY) as server:
+        proposal = replies_agent(tmp_path, server).propose(bench_context())
+        sent = [r.json["messages"] for r in server.requests]
+    assert proposal is not None and proposal.error and proposal.error.startswith("no valid edit after 3 attempts")
+    data = saved(proposal, tmp_path)
+    assert (data["format"], data["agent"], data["kind"], data["repair_of"]) == \
+        ("autoresearch-replies/1", "openai:fake", "propose", None)
+    assert data["system"] == sent[0][0]["content"] and data["started_at"] <= time.time()
+    exchanges = data["exchanges"]
+    assert [x["request"] for x in exchanges] == [1, 2, 3]
+    assert [x["reply"] for x in exchanges] == garbage
+    assert [x["prompt"] for x in exchanges] == [m[-1]["content"] for m in sent]  # the prompt, then the feedback
+    assert "WIDTH = 10" in exchanges[0]["prompt"] and "SEARCH" in exchanges[1]["prompt"]
+    assert [x["problem"] for x in exchanges] == proposal.meta["format_errors"] and all(proposal.meta["format_errors"])
+    assert all(x["model"] == "fake" and (x["input_tokens"], x["output_tokens"]) == (100, 50) for x in exchanges)
+    assert all(x["seconds"] >= 0 and x["cost_usd"] is None for x in exchanges)  # no price is known for "fake"
+    assert data["outcome"] == proposal.error
+
+
+def test_a_good_reply_after_a_bad_one(tmp_path: Path, keyed: None) -> None:
+    with FakeLLM(script=[Reply("no idea"), Reply(WIDTH_EDIT)], key=KEY) as server:
+        proposal = replies_agent(tmp_path, server).propose(bench_context())
+    assert proposal is not None and proposal.error is None and "WIDTH = 12" in proposal.files["bench.py"]
+    data = saved(proposal, tmp_path)
+    assert [x["reply"] for x in data["exchanges"]] == ["no idea", WIDTH_EDIT]
+    assert data["exchanges"][0]["problem"] and data["exchanges"][1]["problem"] is None
+    assert data["outcome"] == "ok"
+
+
+def test_a_provider_failing_midway_still_leaves_the_transcript(tmp_path: Path, keyed: None) -> None:
+    with FakeLLM(script=[Reply("thinking..."), Status(503, "the model crashed")], key=KEY) as server:
+        with pytest.raises(AgentUnavailable):
+            replies_agent(tmp_path, server).propose(bench_context())
+    files = list((tmp_path / ".autoresearch" / "transcripts").iterdir())
+    assert len(files) == 1 and files[0].name.endswith("-llm.json")  # no temporary file left behind
+    data = json.loads(files[0].read_text(encoding="utf-8"))
+    assert [x["reply"] for x in data["exchanges"]] == ["thinking..."]
+    assert data["outcome"].startswith("failed: AgentUnavailable: ") and "\n" not in data["outcome"]
+
+
+def test_secrets_in_replies_are_redacted(tmp_path: Path, keyed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_SERVICE_TOKEN", 'tok-"quoted"-0123456789')
+    with FakeLLM(script=[Reply(f'my key is {KEY} and tok-"quoted"-0123456789'), Reply(WIDTH_EDIT)], key=KEY) as server:
+        proposal = replies_agent(tmp_path, server).propose(bench_context())
+    assert proposal is not None
+    text = Path(proposal.meta["transcript"]).read_text(encoding="utf-8")
+    assert KEY not in text and "0123456789" not in text
+    reply = json.loads(text)["exchanges"][0]["reply"]
+    assert reply == "my key is <ANTHROPIC_API_KEY> and <MY_SERVICE_TOKEN>"  # keyed: both hold KEY
+
+
+def test_conversations_started_in_the_same_millisecond_get_their_own_files(tmp_path: Path) -> None:
+    first, second = (save_replies(Replies(agent="openai:x", kind="propose", started_at=1.0), tmp_path, "t")
+                     for _ in range(2))
+    assert (first.name, second.name) == ("t-19700101T000001.000Z-llm.json", "t-19700101T000001.000Z-2-llm.json")
+    assert {p.name for p in tmp_path.iterdir()} == {first.name, second.name}
+
+
+def test_no_transcripts_directory_no_file(tmp_path: Path, keyed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with FakeLLM(script=[Reply(WIDTH_EDIT)], key=KEY) as server:
+        agent = LLMAgent(make_provider("openai:fake", ProviderOptions(base_url=server.openai_base_url)),
+                         editable=lambda path: path == "bench.py")
+        proposal = agent.propose(bench_context())
+    assert proposal is not None and proposal.error is None and "transcript" not in proposal.meta
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_loop_keeps_the_transcript_of_an_invalid_proposal(tmp_path: Path, keyed: None) -> None:
+    repo = make_target(tmp_path)
+    with FakeLLM(script=[Reply("I would make it faster.")], key=KEY) as server:
+        loop_with(repo, "openai:fake", server, max_experiments=1)
+    invalid = experiments(repo, "llm")[1]
+    assert invalid.status == "invalid"
+    path = Path(invalid.meta["transcript"])
+    assert path.name.startswith("llm-") and json.loads(path.read_text())["outcome"] == invalid.reason

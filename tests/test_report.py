@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,8 +13,11 @@ from autoresearch.judge import counted_runs, mean
 from autoresearch.lab import find_lab
 from autoresearch.ledger import Experiment, Ledger
 from autoresearch.loop import ledger_path
-from autoresearch.report import champion, champion_line, write_report
+from autoresearch.report import champion, champion_line, noise_band, plotted, progress_figure, write_report
 from test_loop import make_target
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BASELINE = (1.686000, 1.730100, 1.728300, 1.731648)  # mean 1.719012: its first run is not its figure
 CANDIDATE = (1.704000, 1.690000)  # kept after one confirmation
@@ -103,6 +107,98 @@ def test_the_plots_champion_line_is_the_mean_each_judge_used(tmp_path: Path) -> 
     assert [i for i, _ in line] == [0, 1, 2, 3]
     assert [y for _, y in line] == pytest.approx([1.719012, 1.719012, 1.697, 1.702])  # not 1.686, 1.686, 1.704
     assert champion_line(done[:1], final=None) == [(0, 1.686)]  # nothing judged yet: its one run
+
+
+def judged(path: Path) -> list[Experiment]:
+    """A tag whose judge recorded its noise: a baseline (no σ yet), a discard judged with σ 0.01, a keep
+    with σ 0.02, a crash and a discard that recorded none (the last σ still holds), a repeat of the keep."""
+    with Ledger(path) as ledger:
+        run = ledger.start_run("t", "hparam", {})
+
+        def add(kind: str, status: str, metric: float | None, champion: float | None, **fields: object) -> int:
+            return ledger.add(run_id=run, tag="t", kind=kind, parent_commit="a" * 40, commit_sha="b" * 40,
+                              agent="hparam", description=f"{kind} {status}", status=status,
+                              outcome="ok" if metric is not None else "crash", metric=metric,
+                              champion_metric=champion, **fields)
+
+        add("baseline", "keep", 2.0, None)
+        add("experiment", "discard", 2.05, 2.0, sigma=0.01)
+        kept = add("experiment", "keep", 1.9, 2.0, sigma=0.02)
+        add("repeat", "measured", 1.92, None, repeat_of=kept)
+        add("experiment", "crash", None, 1.91)
+        add("experiment", "discard", 1.95, 1.91)
+        return ledger.experiments("t")
+
+
+def test_noise_band_is_k_sigma_around_the_champion_line(tmp_path: Path) -> None:
+    done = plotted(judged(tmp_path / "l.db"))
+    assert [e.kind for e in done] == ["baseline", "experiment", "experiment", "experiment", "experiment"]
+    line = champion_line(done, final=1.91)
+    assert line == [(0, 2.0), (1, 2.0), (2, 1.91), (3, 1.91), (4, 1.91)]
+    band = noise_band(done, line, k=2.0)
+    assert [i for i, _, _ in band] == [1, 2, 3, 4]  # the baseline was judged with no σ: no band there
+    assert [(low, high) for _, low, high in band] == [
+        pytest.approx((1.98, 2.02)), pytest.approx((1.87, 1.95)), pytest.approx((1.87, 1.95)),
+        pytest.approx((1.87, 1.95))]
+    assert noise_band(done, line, k=3.0)[0] == pytest.approx((1, 1.97, 2.03))
+    assert noise_band(done, [], k=2.0) == []
+
+
+def legend_labels(fig: Figure) -> list[str]:
+    legend = fig.axes[0].get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def test_no_noise_band_without_sigma(tmp_path: Path) -> None:
+    history = community(tmp_path / "l.db")  # as a strict judge leaves it: no σ recorded
+    done = plotted(history)
+    assert noise_band(done, champion_line(done, final=1.75), k=2.0) == []
+    fig = progress_figure(history, "val_bpb", "min", "t", k=2.0)
+    assert not any("noise" in label for label in legend_labels(fig))
+    assert not [c for c in fig.axes[0].collections if "noise" in c.get_label()]
+    with_band = progress_figure(judged(tmp_path / "m.db"), "val_bpb", "min", "t", k=2.0)
+    assert "noise band (±2·σ the judge uses)" in legend_labels(with_band)
+    assert not any("noise" in label for label in legend_labels(progress_figure(judged(tmp_path / "m.db"),
+                                                                                "val_bpb", "min", "t")))
+
+
+def test_progress_ticks_are_whole_experiments(tmp_path: Path) -> None:
+    for history in (record(tmp_path / "l.db"), judged(tmp_path / "m.db"), record(tmp_path / "n.db")[:1]):
+        fig = progress_figure(history, "val_bpb", "min", "t", k=2.0)
+        fig.draw_without_rendering()
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels and all(label.replace("\u2212", "-").lstrip("-").isdigit() for label in labels), labels
+        assert all(float(x).is_integer() for x in ax.get_xticks())
+
+
+def test_the_kept_marker_sits_at_the_mean_of_its_runs(tmp_path: Path) -> None:
+    fig = progress_figure(record(tmp_path / "l.db"), "val_bpb", "min", "t", k=2.0)
+    ax = fig.axes[0]
+    points = {c.get_label(): c.get_offsets().tolist() for c in ax.collections if c.get_label()}
+    assert points["kept: mean of its runs"] == [[0, pytest.approx(1.719012)], [2, pytest.approx(1.702)]]
+    assert points["kept: its own run"] == [[0, pytest.approx(1.686)], [2, pytest.approx(1.704)]]  # hollow
+    assert points["discarded"] == [[1, 1.75], [3, 1.72]]
+    assert [t.get_text() for t in ax.texts] == ["better"]  # the description, at the mean
+    assert ax.texts[0].xy == (2, pytest.approx(1.702))
+    step = next(line for line in ax.get_lines() if line.get_label() == "champion (mean of its runs)")
+    assert list(step.get_ydata()) == pytest.approx([1.719012, 1.719012, 1.697, 1.702, 1.702])  # drawn to 3.5
+    single = progress_figure(community(tmp_path / "m.db"), "val_bpb", "min", "t")  # one run each: no hollow ones
+    assert "kept: its own run" not in legend_labels(single) and "kept: mean of its runs" in legend_labels(single)
+
+
+def test_progress_png_for_crashes_and_for_a_single_baseline(tmp_path: Path) -> None:
+    png, _ = write_report(community(tmp_path / "l.db"), tmp_path / "crashes", "val_bpb", "min", "t", k=2.0)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    png, _ = write_report(record(tmp_path / "m.db")[:1], tmp_path / "baseline", "val_bpb", "min", "t", k=2.0)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    with Ledger(tmp_path / "n.db") as ledger:  # the baseline crashed: nothing measured, nothing kept
+        run = ledger.start_run("t", "hparam", {})
+        ledger.add(run_id=run, tag="t", kind="baseline", parent_commit="a" * 40, agent="hparam",
+                   description="baseline", status="crash", outcome="crash")
+        crashed = ledger.experiments("t")
+    png, _ = write_report(crashed, tmp_path / "crashed", "val_bpb", "min", "t", k=2.0)
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 # ---------------------------------------------------------------------------

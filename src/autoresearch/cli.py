@@ -189,6 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     When several agents share the run, each row names its agent and a second table gives each
     agent's proposals, keeps, summed gain over the champion and cost; when experiments ran on
     several workers, `where` says which worker and node ran each (w1@local, w0@10.0.0.2).
+    A failed proposal or run names the file with the agent's replies (`transcript` in --json).
     """
     from dataclasses import asdict
 
@@ -196,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     lab, tag, experiments = _recorded(args)
     rows, best = status_rows(experiments), champion(experiments)
+    for r, e in zip(rows, experiments):
+        r["transcript"] = e.meta.get("transcript")  # the agent's session or replies, as it saved them
     tallies = per_agent(experiments, lab.config.metric.direction)
     metric_name = lab.config.metric.name
     if args.json:
@@ -225,13 +228,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column(name, justify="right" if name in ("id", "metric", "delta", "test", "seconds") else "left")
     for r in rows:
         extra = ([Text(clean(r["agent"], limit=40))] if several else []) + ([Text(clean(r["where"] or ""))] if placed else [])
+        replies = ""
+        if r["transcript"] and r["status"] in ("invalid", "crash"):
+            path, root = Path(str(r["transcript"])).resolve(), lab.root.resolve()
+            shown = path.relative_to(root) if path.is_relative_to(root) else path
+            replies = f" (agent replies: {clean(str(shown))})"
         table.add_row(str(r["id"]), r["commit"], "" if r["metric"] is None else f"{r['metric']:.6f}",
                       "" if r["delta"] is None else f"{r['delta']:+.6f}",
                       "" if r["test_metric"] is None else f"{r['test_metric']:.6f}", r["status"],
                       "" if r["seconds"] is None else f"{r['seconds']:.0f}", *extra,
                       Text(clean(r["description"]) + (f" ({clean(r['reason'], limit=500)})" if r["reason"]
                                                         and r["status"] not in ("keep", "discard") else ""))
-                      + runs_note(r)
+                      + runs_note(r) + replies
                       + (" (left out: far off the other runs of this commit)" if r["left_out"] else "")
                       + (f" (disturbed: it kept {r['cores']:.1f} cores busy where this run's experiments "
                          f"typically keep {r['disturbed']:.1f}; another job shared the machine)" if r["disturbed"] else ""))
@@ -249,13 +257,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write progress.png (metric per experiment, kept ones highlighted, running best) and report.md."""
+    """Write progress.png (metric per experiment, kept ones highlighted, the champion's mean and the
+    judge's noise band) and report.md; with --html also report.html, one self-contained page with
+    the dashboard's chart and tables that opens from disk, offline.
+    """
     from .report import write_report
 
     lab, tag, experiments = _recorded(args)
     out = Path(args.out) if args.out else lab.root
-    png, md = write_report(experiments, out, lab.config.metric.name, lab.config.metric.direction, tag)
-    print(f"wrote {png} and {md}")
+    png, md = write_report(experiments, out, lab.config.metric.name, lab.config.metric.direction, tag,
+                           k=_band_k(lab.config))
+    written = [png, md]
+    if args.html:
+        from .ledger import Ledger
+        from .web.export import write_html
+
+        with Ledger(lab.ledger_path, readonly=True) as ledger:
+            runs = [dict(r) for r in ledger.runs(tag)]
+        written.append(write_html(lab, experiments, tag, runs, out / "report.html"))
+    print("wrote " + ", ".join(str(p) for p in written[:-1]) + f" and {written[-1]}")
+    return 0
+
+
+def _band_k(config: LabConfig) -> float | None:
+    """The k of the noise band drawn around the champion (None with a strict judge: no band)."""
+    return config.judge.k if config.judge.mode == "noise" else None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve a live, read-only web dashboard of this lab's experiments: the progress chart, every
+    experiment with its diff, verdict, log and agent replies, the chain of champions, the workers.
+
+    It opens the ledger read-only and updates by itself while a run goes. It listens on 127.0.0.1
+    unless --host says otherwise; any other address requires the access token it prints.
+    """
+    from .web.server import serve
+
+    lab = find_lab()
+    if args.port < 0 or args.port > 65535:
+        raise ConfigError(f"--port must be 0..65535, not {args.port}")
+    serve(lab, host=args.host, port=args.port)
     return 0
 
 
@@ -304,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     _view(args.plain))
         loop.run()
         png, md = write_report(ledger.experiments("demo"), lab.root, lab.config.metric.name,
-                               lab.config.metric.direction, "demo")
+                               lab.config.metric.direction, "demo", k=_band_k(lab.config))
     print(f"Report: {md} and {png}")
     print(f"Next: cd {os.path.relpath(lab.root)} && autoresearch status")
     return 0
@@ -379,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report)
     p.add_argument("--tag", default=None, help="which run (default: the latest)")
     p.add_argument("--out", default=None, help="directory for progress.png and report.md (default: the lab)")
+    p.add_argument("--html", action="store_true", help="also write report.html, one self-contained page to share")
+
+    p = add("dashboard", cmd_dashboard)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface, token required)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
 
     p = add("demo", cmd_demo)
     p.add_argument("dir", nargs="?", default="autoresearch-demo", help="where to put the demo lab")

@@ -130,14 +130,17 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_lin
 class Ledger:
     """An open ledger. One writer (the loop); readers (status, report, dashboard) may share it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        self.path, self.readonly = path, readonly
         self._lock = threading.RLock()
         # The rows read since the last write are reused (a run's workers read the tag's rows many
         # times per claim): this connection's writes bump _version, another connection's change
         # SQLite's `PRAGMA data_version`.
         self._version = 0
         self._cache: dict[str | None, tuple[tuple[int, int], list[Experiment]]] = {}
+        if readonly:
+            self._open_readonly()
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # one connection shared by the orchestrator's threads (its workers), every use under _lock
@@ -150,6 +153,33 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"cannot open the ledger {path}: {exc}",
                               "move the file aside to start a new ledger; the git refs keep every experiment") from None
+
+    def _open_readonly(self) -> None:
+        """A reader that can never write (the dashboard): SQLite's `mode=ro`, no migration. A ledger
+        without every migration is refused, since its rows would not fit `Experiment`."""
+        if not self.path.is_file():
+            raise LedgerError(f"no ledger at {self.path}", "start experiments with `autoresearch run`")
+        try:
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                      isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            done = {row[0] for row in self.db.execute("SELECT name FROM _migrations")}
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot read the ledger {self.path}: {exc}",
+                              "check the file; `autoresearch status` says more") from None
+        known = {m.__name__ for m in MIGRATIONS}
+        if done - known:
+            raise LedgerError(f"the ledger {self.path} was written by a newer autoresearch ({sorted(done - known)[-1]})",
+                              "upgrade autoresearch")
+        if known - done:
+            raise LedgerError(f"the ledger {self.path} is from an older autoresearch",
+                              "run `autoresearch status` once in the lab to bring it up to date")
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's `PRAGMA data_version`),
+        plus this connection's own writes: readers poll it to see that the ledger changed."""
+        with self._lock:
+            return self._version + int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()

@@ -3,7 +3,8 @@
 The runner (an experiment) and the coding-assistant agents (a headless `claude` or `codex`) both start
 a child with `start_new_session=True`, so the child leads a process group that nothing else is in,
 and end it with `kill_group`: SIGTERM to the group, a grace period, then SIGKILL, so the children
-it left behind go too. Neither passes the child a secret (`scrub_env`). POSIX only (Linux, macOS).
+it left behind go too. Neither passes the child a secret (`scrub_env`), and no transcript of an agent
+keeps one (`redact`). POSIX only (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ def scrub_env(env: Mapping[str, str], patterns: Iterable[str]) -> dict[str, str]
     """A copy of `env` without the variables whose name matches a pattern (fnmatch, any case)."""
     upper = [p.upper() for p in patterns]
     return {k: v for k, v in env.items() if not any(fnmatch.fnmatchcase(k.upper(), p) for p in upper)}
+
+
+def redact(text: str, env: Mapping[str, str], patterns: Iterable[str]) -> str:
+    """`text` with the value of every variable `scrub_env` would drop replaced by `<NAME>`; values
+    under 8 characters are left, they would match ordinary words. Longest first: a key that
+    contains another is replaced whole; one value in two variables gets the first name."""
+    secrets = sorted(set(env) - set(scrub_env(env, patterns)), key=lambda name: (-len(env[name]), name))
+    for name in secrets:
+        if len(env[name]) >= 8:
+            text = text.replace(env[name], f"<{name}>")
+    return text
 
 
 def group_alive(pgid: int) -> bool:

@@ -6,17 +6,22 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .display import clean, markdown_cell
 from .judge import counted_runs, mean, outliers
 from .ledger import Experiment, runs_of
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # A run that had less than this fraction of the CPU its tag's runs typically had shared the machine
 # with another job. Identical runs on a quiet machine differ by a few percent; the runs of a bench
 # that shared 2 cores with a niced test suite took ~1.4x as long.
 DISTURBED_SHARE = 0.8
+
+GREEN, GREY = "#2ca02c", "#b0b0b0"  # progress.png: kept and champion, discarded
 
 
 @dataclass(frozen=True)
@@ -163,58 +168,105 @@ def champion_line(experiments: list[Experiment], final: float | None) -> list[tu
     return points[::-1]
 
 
-def plot_progress(experiments: list[Experiment], path: Path, metric: str, direction: str, title: str,
-                  final: float | None = None) -> None:
-    """Every measured experiment, the kept ones highlighted, and the champion's mean as a step line
-    (`final`: the current champion's mean, for the line after the last experiment)."""
-    import matplotlib
+def noise_band(experiments: list[Experiment], line: list[tuple[int, float]], k: float) -> list[tuple[int, float, float]]:
+    """(experiment number, low, high) around each point of `line` (champion_line's output for the same
+    `experiments`) where a noise estimate is known: level ∓ k·σ, σ being the latest one the judge
+    recorded at or before that experiment (`Experiment.sigma`). The judge keeps a gain only beyond
+    k·max(se, σ), never less than k·σ, so a run inside the band could not have been kept on its gain.
+    Empty when no σ was recorded (the strict judge, or no decision yet)."""
+    sigma, known = None, {}
+    for i, e in enumerate(experiments):
+        sigma = e.sigma if e.sigma is not None else sigma
+        if sigma is not None:
+            known[i] = sigma
+    return [(i, level - k * known[i], level + k * known[i]) for i, level in line if i in known]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    measured = [(i, e) for i, e in enumerate(experiments) if e.metric is not None]
-    discarded = [(i, e.metric) for i, e in measured if e.status != "keep"]
-    kept = [(i, e.metric) for i, e in measured if e.status == "keep"]
+def plotted(history: list[Experiment]) -> list[Experiment]:
+    """The experiments progress.png shows as points: finished, repeats left out (they count for means)."""
+    return [e for e in history if e.status not in ("pending", "running") and e.kind != "repeat"]
+
+
+def progress_figure(history: list[Experiment], metric: str, direction: str, title: str,
+                    k: float | None = None) -> Figure:
+    """The chart of progress.png for a tag's rows (`history`, repeats included): each finished
+    experiment at its own run, a kept one also at the mean of its runs (filled; its own run hollow,
+    joined by a thin line, when they differ), the champion's mean as a step line, and with `k` the
+    judge's noise band around it (see noise_band)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    experiments = plotted(history)
+    best = champion(history)
+    fig = Figure(figsize=(10, 5), dpi=120)
+    ax = fig.subplots()
+    measured = [(i, e, e.metric) for i, e in enumerate(experiments) if e.metric is not None]
+    discarded = [(i, y) for i, e, y in measured if e.status != "keep"]
     if discarded:
-        ax.scatter(*zip(*discarded), s=18, color="#b0b0b0", label="discarded", zorder=2)
+        ax.scatter([i for i, _ in discarded], [y for _, y in discarded], s=18, color=GREY, label="discarded",
+                   zorder=2)
+    kept = [(i, e, y, figure.metric if (figure := standing(e, history)) else y)
+            for i, e, y in measured if e.status == "keep"]  # (number, experiment, its own run, its mean)
     if kept:
-        ax.scatter(*zip(*kept), s=36, color="#2ca02c", label="kept", zorder=3)
-        line = champion_line(experiments, final)
-        if line:
-            ax.step(*zip(*line), where="post", color="#2ca02c", linewidth=1.5, label="champion (mean of its runs)",
-                    zorder=1)
-        for i, y in kept[1:]:
-            ax.annotate(clean(experiments[i].description, limit=40), (i, y), textcoords="offset points", xytext=(4, 6),
-                        fontsize=7, color="#2c6e2c", rotation=20)
+        apart = [(i, y, at) for i, _, y, at in kept if at != y]
+        if apart:
+            ax.vlines([i for i, _, _ in apart], [y for _, y, _ in apart], [at for _, _, at in apart], color=GREEN,
+                      linewidth=0.8, zorder=3)
+            ax.scatter([i for i, _, _ in apart], [y for _, y, _ in apart], s=36, facecolors="none",
+                       edgecolors=GREEN, linewidths=1.2, label="kept: its own run", zorder=4)
+        ax.scatter([i for i, *_ in kept], [at for *_, at in kept], s=36, color=GREEN, label="kept: mean of its runs",
+                   zorder=4)
+        line = champion_line(experiments, best.metric if best else None)  # not empty: something was kept
+        end = line[-1][0] + 0.5  # the level after the last experiment is drawn too, as a short step
+        ax.step(*zip(*line, (end, line[-1][1])), where="post", color=GREEN, linewidth=1.5,
+                label="champion (mean of its runs)", zorder=1)
+        band = noise_band(experiments, line, k) if k is not None else []
+        if band:
+            xs, lows, highs = zip(*band, (end, *band[-1][1:]))
+            ax.fill_between(xs, lows, highs, step="post", color=GREEN, alpha=0.12, linewidth=0,
+                            label=f"noise band (±{k:g}·σ the judge uses)", zorder=0)
+        for i, e, _, at in kept:
+            if e.kind != "baseline":
+                ax.annotate(clean(e.description, limit=40), (i, at), textcoords="offset points", xytext=(4, 6),
+                            fontsize=7, color="#2c6e2c", rotation=20)
     tested = [(i, e.test_metric) for i, e in enumerate(experiments) if e.status == "keep" and e.test_metric is not None]
     if tested:
         ax.plot(*zip(*tested), marker="s", markersize=4, linestyle="--", color="#1f77b4", label="champion on test split",
                 zorder=2, drawstyle="steps-post")
-    failed = [i for i, e in enumerate(experiments) if e.metric is None and e.status not in ("running", "pending")]
+    failed = [i for i, e in enumerate(experiments) if e.metric is None]
     if failed and measured:
-        low = min(e.metric for _, e in measured if e.metric is not None)
+        low = min(y for _, _, y in measured)
         ax.scatter(failed, [low] * len(failed), marker="x", color="#d62728", s=20, label="crash/invalid", zorder=2)
+    # Experiments are numbered: no tick at 2.5, and for a lone baseline one tick at 0 (the default
+    # falls back to fractions when fewer than 2 whole numbers fit).
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("experiment")
     ax.set_ylabel(f"{metric} ({'lower' if direction == 'min' else 'higher'} is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing measured yet (a crashed baseline): no legend
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
-def write_report(experiments: list[Experiment], out: Path, metric: str, direction: str, tag: str) -> tuple[Path, Path]:
-    """Write progress.png and report.md into `out`; returns their paths."""
+def plot_progress(history: list[Experiment], path: Path, metric: str, direction: str, title: str,
+                  k: float | None = None) -> None:
+    """Save progress_figure's chart of `history` (a tag's rows, repeats included) as a PNG at `path`."""
+    progress_figure(history, metric, direction, title, k).savefig(path)
+
+
+def write_report(experiments: list[Experiment], out: Path, metric: str, direction: str, tag: str,
+                 k: float | None = None) -> tuple[Path, Path]:
+    """Write progress.png and report.md into `out` for a tag's rows (repeats included); returns their
+    paths. `k`: the judge's k, for the noise band of the chart (None: no band)."""
     out.mkdir(parents=True, exist_ok=True)
     png, md = out / "progress.png", out / "report.md"
-    done = [e for e in experiments if e.status not in ("pending", "running") and e.kind != "repeat"]
+    done = plotted(experiments)
     repeats = [e for e in experiments if e.kind == "repeat"]
     kept = [e for e in done if e.status == "keep"]
     base, best = (standing(kept[0], experiments), champion(experiments)) if kept else (None, None)
-    plot_progress(done, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments",
-                  best.metric if best else None)
+    plot_progress(experiments, png, metric, direction, f"autoresearch run {tag}: {len(done)} experiments", k=k)
     counts: dict[str, int] = {}
     for e in done:
         counts[e.status] = counts.get(e.status, 0) + 1

@@ -3,7 +3,8 @@
 - `hparam` (default, no LLM): Optuna TPE over train.py's hyperparameter constants.
 - `patches:DIR`: replays unified diffs in name order.
 - `openai:<model>`: any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp, LM Studio,
-  OpenRouter: set base_url); `anthropic:<model>`: Anthropic's API.
+  OpenRouter: set base_url); `anthropic:<model>`: Anthropic's API. Their replies are saved in the
+  lab's `.autoresearch/transcripts`, like the coding assistants' sessions.
 - `claude-code`, `codex`: the coding assistants, run headless in a worktree of their own.
 
 Options come from the `[agent]` table of autoresearch.toml; unknown keys are an error. Several
@@ -84,6 +85,7 @@ def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], 
         return PatchesAgent(directory if directory.is_absolute() else (Path.cwd() / directory).resolve())
     if spec.startswith(("openai:", "anthropic:")) and spec.split(":", 1)[1]:
         from ..checks import matches
+        from ..lab import STATE_DIR
         from .llm import LLMAgent
         from .providers import ProviderOptions, make_provider
 
@@ -96,7 +98,8 @@ def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], 
         ))
         return LLMAgent(provider, editable=lambda path: matches(path, editable),
                         max_attempts=int(options.get("max_attempts", 3)), max_chars=int(options.get("max_chars", 120_000)),
-                        max_tokens=int(options.get("max_tokens", 8192)), hardware=hardware())
+                        max_tokens=int(options.get("max_tokens", 8192)), hardware=hardware(),
+                        transcripts=root / STATE_DIR / "transcripts", tag=tag)
     kind, _, model = spec.partition(":")
     if kind in ("claude-code", "codex"):
         from .coding_cli import CodingCLIAgent

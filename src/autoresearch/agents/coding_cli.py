@@ -38,7 +38,7 @@ from ..experiment import Experiment
 from ..gitrepo import Git
 from ..handoff import NO_TRAIN_ENV
 from ..lab import STATE_DIR
-from ..procgroup import group_alive, kill_group, scrub_env
+from ..procgroup import group_alive, kill_group, redact, scrub_env  # noqa: F401 (scrub_env: test_structure)
 from .base import AgentBase, AgentError, Proposal, ResearchContext
 
 Kind = Literal["claude-code", "codex"]
@@ -348,16 +348,7 @@ def _save_transcript(path: Path, argv: list[str], cwd: Path, prompt: str, out: s
                 f"=== prompt ===\n{prompt}", f"=== stdout ===\n{out}", f"=== stderr ===\n{err}"]
     if last:
         sections.append(f"=== last message ===\n{last}")
-    path.write_text(_redact("\n".join(sections) + "\n", env), encoding="utf-8")
-
-
-def _redact(text: str, env: Mapping[str, str]) -> str:
-    """Replace the values of secret-looking environment variables (API keys, tokens)."""
-    secrets = set(env) - set(scrub_env(env, SECRET_PATTERNS))
-    for name in secrets:
-        if len(env[name]) >= 8:
-            text = text.replace(env[name], f"<{name}>")
-    return text
+    path.write_text(redact("\n".join(sections) + "\n", env, SECRET_PATTERNS), encoding="utf-8")
 
 
 def _read(path: Path) -> str:

@@ -4,20 +4,33 @@ It reads the brief, the champion's code and the history, and replies with a desc
 rationale and SEARCH/REPLACE blocks. A reply that cannot be parsed, a SEARCH that does not match
 exactly, a no-op, or a file that no longer compiles is sent back with a precise error, up to
 `max_attempts` times; after that the proposal carries the error and the loop records it as invalid.
+Given a transcripts directory, every conversation (each request, the model's raw reply, what was
+wrong with it) is saved there as one JSON file, `<tag>-<UTC time>Z-llm.json`, secrets redacted,
+also when the provider fails midway; its path goes in the proposal's `meta["transcript"]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from ..config import SECRET_PATTERNS
 from ..errors import ContextTooLong
 from ..experiment import Experiment
+from ..procgroup import redact
 from .base import AgentBase, AgentError, Proposal, ResearchContext
 from .context import Prompt, RepairRequest, build_prompt
 from .edits import EditBlock, apply_edits, describe_problem, parse_reply
 from .providers import Completion, Message, Provider
+
+REPLIES_FORMAT = "autoresearch-replies/1"  # the transcript's shape, as the web dashboard reads it
 
 
 @dataclass
@@ -43,6 +56,33 @@ class Usage:
                 "requests": self.requests, "llm_seconds": round(self.seconds, 3)}
 
 
+@dataclass
+class Replies:
+    """One conversation as saved: every request, the model's raw reply and why it was refused."""
+
+    agent: str  # the provider's spec
+    kind: str  # "propose" or "repair"
+    repair_of: int | None = None
+    started_at: float = field(default_factory=time.time)
+    system: str = ""
+    exchanges: list[dict[str, Any]] = field(default_factory=list)
+    outcome: str = ""  # "ok", the error of a proposal with no valid edit, or "failed: <the exception>"
+
+    def add(self, prompt: str, c: Completion) -> dict[str, Any]:
+        """Record one request; the caller sets the returned exchange's `problem` when the reply is refused."""
+        exchange: dict[str, Any] = {
+            "request": len(self.exchanges) + 1, "prompt": prompt, "reply": c.text, "model": c.model,
+            "input_tokens": c.input_tokens, "output_tokens": c.output_tokens, "seconds": round(c.seconds, 3),
+            "cost_usd": c.cost_usd, "problem": None}
+        self.exchanges.append(exchange)
+        return exchange
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format": REPLIES_FORMAT, "agent": self.agent, "kind": self.kind, "repair_of": self.repair_of,
+                "started_at": self.started_at, "system": self.system, "exchanges": self.exchanges,
+                "outcome": self.outcome}
+
+
 class LLMAgent(AgentBase):
     """Proposes code changes with a chat model. Slow: the loop prepares proposals ahead."""
 
@@ -50,12 +90,16 @@ class LLMAgent(AgentBase):
     can_rebase = True  # the same SEARCH/REPLACE blocks, on the new champion's files
 
     def __init__(self, provider: Provider, editable: Callable[[str], bool], *, max_attempts: int = 3,
-                 max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192) -> None:
+                 max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192,
+                 transcripts: Path | None = None, tag: str = "run") -> None:
+        """`transcripts`: the directory every conversation is saved to (None: nowhere); `tag` starts
+        the file names."""
         if max_attempts < 1:
             raise AgentError("max_attempts must be at least 1")
         self.provider, self.editable = provider, editable
         self.name = provider.spec
         self.max_attempts, self.max_chars, self.hardware, self.max_tokens = max_attempts, max_chars, hardware, max_tokens
+        self.transcripts, self.tag = transcripts, tag
 
     def propose(self, context: ResearchContext) -> Proposal | None:
         return self._converse(context, None)
@@ -73,8 +117,9 @@ class LLMAgent(AgentBase):
         return build_prompt(context, max_chars=max_chars, hardware=self.hardware, repair=repair)
 
     def _complete(self, context: ResearchContext, repair: RepairRequest | None, messages: list[Message],
-                  usage: Usage) -> tuple[Completion, list[Message]]:
-        """One request; a context that is too long is rebuilt at half the size, twice at most."""
+                  usage: Usage, replies: Replies) -> tuple[Completion, list[Message]]:
+        """One request (its system prompt noted in `replies`); a context that is too long is rebuilt
+        at half the size, twice at most."""
         max_chars = self.max_chars
         for _ in range(3):
             prompt = self._prompt(context, repair, max_chars)
@@ -85,22 +130,40 @@ class LLMAgent(AgentBase):
                 max_chars //= 2
                 continue
             usage.add(completion)
+            replies.system = replies.system or prompt.system
             return completion, convo
         raise AgentError(f"the prompt is too long for {self.provider.spec} even at {max_chars * 2} characters",
                          "use a model with a longer context, or lower [agent] max_chars")
 
     def _converse(self, context: ResearchContext, repair: RepairRequest | None) -> Proposal:
+        """One proposal or repair conversation, saved whatever its end (when there is a directory)."""
+        replies = Replies(agent=self.provider.spec, kind="propose" if repair is None else "repair",
+                          repair_of=None if repair is None else repair.failed.id)
+        try:
+            proposal = self._attempts(context, repair, replies)
+            replies.outcome = proposal.error or "ok"
+        except BaseException as exc:
+            lines = str(exc).strip().splitlines()
+            replies.outcome = f"failed: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+            raise
+        finally:
+            path = None if self.transcripts is None else save_replies(replies, self.transcripts, self.tag)
+        return proposal if path is None else replace(proposal, meta={**proposal.meta, "transcript": str(path)})
+
+    def _attempts(self, context: ResearchContext, repair: RepairRequest | None, replies: Replies) -> Proposal:
         usage = Usage()
         messages: list[Message] = []
         problems: list[str] = []
         for attempt in range(1, self.max_attempts + 1):
-            completion, messages = self._complete(context, repair, messages, usage)
+            completion, messages = self._complete(context, repair, messages, usage, replies)
+            exchange = replies.add(messages[-1].content, completion)  # the prompt, then each error sent back
             try:
                 reply = parse_reply(completion.text)
                 changed = apply_edits(context.files, reply.blocks, self.editable)
                 _check_compiles(changed)
             except AgentError as exc:
                 problems.append(str(exc).splitlines()[0])
+                exchange["problem"] = problems[-1]
                 messages = [*messages, Message("assistant", completion.text), Message("user", describe_problem(exc))]
                 continue
             meta = {**usage.as_meta(), "attempts": attempt, "format_errors": problems, "model": completion.model,
@@ -112,6 +175,39 @@ class LLMAgent(AgentBase):
         return Proposal(description=f"(no valid edit after {self.max_attempts} attempts)",
                         error=f"no valid edit after {self.max_attempts} attempts: {last}",
                         meta={**usage.as_meta(), "attempts": self.max_attempts, "format_errors": problems})
+
+
+def save_replies(replies: Replies, directory: Path, tag: str) -> Path:
+    """Write `replies` to `directory/<tag>-<UTC start, ms>Z-llm.json` (`...Z-2-llm.json` and on when
+    taken) through a temporary file, so a reader never sees half of one; secrets redacted."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = datetime.fromtimestamp(replies.started_at, timezone.utc)
+    stem = f"{tag}-{start:%Y%m%dT%H%M%S}.{start.microsecond // 1000:03d}Z"
+    path, n = directory / f"{stem}-llm.json", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}-llm.json"
+    text = json.dumps(_redacted(replies.as_json(), os.environ), ensure_ascii=False, indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _redacted(value: Any, env: Mapping[str, str]) -> Any:
+    """`value` (JSON data) with secrets replaced in every string, before quoting could hide them."""
+    if isinstance(value, str):
+        return redact(value, env, SECRET_PATTERNS)
+    if isinstance(value, list):
+        return [_redacted(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v, env) for k, v in value.items()}
+    return value
 
 
 def _rebase_edits(proposal: Proposal, files: dict[str, str], editable: Callable[[str], bool]) -> Proposal | None:
