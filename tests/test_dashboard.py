@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import run_cli
 
 from autoresearch.lab import Lab, init_lab
 from autoresearch.ledger import Ledger, LedgerError
 from autoresearch.web import data
 from autoresearch.web.export import render_html, script_json
 from autoresearch.web.server import make_app
-
-from conftest import run_cli
 
 PATCH = "diff --git a/train.py b/train.py\n--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-LR = 0.01\n+LR = 0.02\n"
 

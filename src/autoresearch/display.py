@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 
-# ESC-introduced sequences: CSI (ESC [ ... final), OSC / DCS / SOS / PM / APC strings up to BEL or ST,
+# ESC-introduced sequences: CSI (ESC [ ... final), OSC / DCS / SOS / PM / APC strings up to BEL or ST
+# (or the line's end: a stray `ESC ]` in a log must not hide the lines after it),
 # and two-character escapes; then the 8-bit forms of CSI (0x9b) and the string introducers
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]"
-                      r"|\x1b[\]PX^_].*?(?:\x07|\x1b\\|$)"
+                      r"|\x1b[\]PX^_][^\n]*?(?:\x07|\x1b\\|(?=\n)|$)"
                       r"|\x1b[ -/]*[0-~]"
                       r"|\x9b[0-?]*[ -/]*[@-~]"
-                      r"|[\x90\x98\x9d\x9e\x9f].*?(?:\x07|\x9c|$)", re.DOTALL)
+                      r"|[\x90\x98\x9d\x9e\x9f][^\n]*?(?:\x07|\x9c|(?=\n)|$)")
 # C0 controls but tab and newline, DEL, C1 controls, and bidirectional overrides/isolates
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 

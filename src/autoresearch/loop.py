@@ -452,7 +452,9 @@ class Loop:
                 return None
             took = prepared.seconds
             proposal = prepared.proposal
-            if proposal is not None and prepared.context.champion_commit != context.champion_commit:
+            # a proposal that failed (no valid edit) has nothing to move: it is recorded as invalid
+            if proposal is not None and proposal.error is None \
+                    and prepared.context.champion_commit != context.champion_commit:
                 proposal = self._rebase(proposal, prepared.context.champion_commit, context.champion_commit)
                 if proposal is None:  # no longer applies to the new champion: ask afresh
                     return self._next_proposal(context)

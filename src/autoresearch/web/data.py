@@ -16,8 +16,9 @@ from typing import Any
 
 from ..display import clean
 from ..experiment import Experiment
+from ..judge import commit_of
 from ..lab import Lab
-from ..report import champion, champion_line, noise_band, per_agent, standing, where_ran
+from ..report import Standing, champion_line, noise_band, per_agent, standing, where_ran
 
 LOG_TAIL_BYTES = 64 * 1024  # the end of a log a page shows (a run's log may be megabytes)
 TEXT_BYTES = 256 * 1024  # a diff, a transcript or a reply file: at most this much is read
@@ -80,6 +81,15 @@ def _workers(runs: list[dict[str, Any]], history: list[Experiment], budget: floa
     return out
 
 
+def standings(kept: list[Experiment], history: list[Experiment]) -> dict[int, Standing]:
+    """Each kept experiment's figure (report.standing), from the rows of its own commit only, which
+    are all a figure reads: linear in the tag's rows, not kept x rows (5.8 s at 10,000 rows)."""
+    by_commit: dict[int, list[Experiment]] = {}
+    for x in history:
+        by_commit.setdefault(commit_of(x), []).append(x)
+    return {e.id: figure for e in kept if (figure := standing(e, by_commit.get(e.id, [e]))) is not None}
+
+
 def row(e: Experiment, n: int | None) -> dict[str, Any]:
     """One experiment as the table and the chart have it (`n`: its number on the chart's x axis)."""
     return {
@@ -102,9 +112,10 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
     done = [e for e in experiments_of(history) if e.status not in ("pending", "running")]
     shown = experiments_of(history)
     numbers = {e.id: i for i, e in enumerate(done)}
-    best = champion(history)
     kept = [e for e in done if e.status == "keep"]
-    base = standing(kept[0], history) if kept else None
+    figures = standings(kept, history)
+    best = figures.get(kept[-1].id) if kept else None
+    base = figures.get(kept[0].id) if kept else None
     line = champion_line(done, best.metric if best else None)
     band = noise_band(done, line, k) if k is not None else []
     counts: dict[str, int] = {}
@@ -125,7 +136,7 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
                  "description": clean(b.description, limit=ROW_TEXT)}
     lineage, previous = [], None
     for e in kept:
-        figure = standing(e, history)
+        figure = figures.get(e.id)
         level = figure.metric if figure else e.metric
         lineage.append({"id": e.id, "commit": e.short_commit, "metric": level, "runs": figure.runs if figure else 0,
                         "own": e.metric, "test": e.test_metric, "agent": clean(e.agent, limit=80),

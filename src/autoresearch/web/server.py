@@ -188,7 +188,12 @@ def make_app(lab: Lab, token: str | None = None, loopback: bool = True) -> Any:
     """The dashboard's ASGI app for `lab` (`token`: required on every request when set)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import (
+        HTMLResponse,
+        JSONResponse,
+        Response,
+        StreamingResponse,
+    )
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 

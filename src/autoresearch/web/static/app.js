@@ -102,8 +102,8 @@
     series.push({ label: "kept", stroke: KEEP, paths: () => null, points: { show: true, size: 10, width: 2, fill: KEEP, stroke: "#05603a" } });
     series.push({ label: "crash / invalid", stroke: "#d92d20", paths: () => null, points: { show: true, size: 6, fill: "#d92d20", stroke: "#d92d20" } });
     series.push({ label: "champion (mean of its runs)", stroke: KEEP, width: 2, paths: stepped, points: { show: false } });
-    series.push({ label: "noise band", stroke: "rgba(18,183,106,0.25)", width: 1, paths: stepped, points: { show: false } });
-    series.push({ label: "", stroke: "rgba(18,183,106,0.25)", width: 1, paths: stepped, points: { show: false } });
+    series.push({ label: "noise band (lower edge)", stroke: "rgba(18,183,106,0.25)", width: 1, paths: stepped, points: { show: false } });
+    series.push({ label: "noise band (±" + (s.chart.k || "k") + "·σ the judge uses)", stroke: "rgba(18,183,106,0.25)", width: 1, paths: stepped, points: { show: false } });
     series.push({ label: "test split (champion)", stroke: "#475467", width: 1.5, dash: [6, 4], paths: stepped, points: { show: true, size: 5 }, spanGaps: true });
     const base = 1 + d.agents.length;
     const hiIdx = base + 4, loIdx = base + 3;
@@ -121,6 +121,8 @@
     if (plot) plot.destroy();
     box.replaceChildren();
     plot = new uPlot(opts, d.data, box);
+    const entries = plot.root.querySelectorAll(".u-legend .u-series");
+    if (entries[loIdx]) entries[loIdx].hidden = true; // the band's lower edge: one legend entry for the band
     plot.over.addEventListener("click", () => {
       const i = plot.cursor.idx;
       if (i === null || i === undefined) return;
@@ -295,13 +297,15 @@
   function overview() {
     hookTable();
     if (live) {
-      let pending = false;
+      // one fetch at a time; a change announced during a fetch is fetched right after it
+      let pending = false, again = false;
+      const refresh = () => {
+        if (pending) { again = true; return; }
+        pending = true; again = false;
+        fetchState().finally(() => { pending = false; if (again) refresh(); });
+      };
       fetchState();
-      follow(() => {
-        if (pending) return;
-        pending = true;
-        fetchState().finally(() => { pending = false; });
-      });
+      follow(refresh);
       setInterval(tick, 1000);
     } else {
       const s = JSON.parse(document.getElementById("state").textContent);
