@@ -9,9 +9,7 @@ an experiment runs (status `running`) and completed after, so no experiment can 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +19,7 @@ from typing import Any
 
 from .errors import AutoresearchError
 from .experiment import Experiment, runs_of  # noqa: F401  (re-exported: `from .ledger import runs_of` keeps working)
+from .files import write_atomically
 
 STATUSES = ("pending", "running", "keep", "discard", "crash", "timeout", "invalid", "killed", "measured")
 FINAL = ("keep", "discard", "crash", "timeout", "invalid", "killed", "measured")  # measured: a repeat run
@@ -137,7 +136,7 @@ class Ledger:
         # times per claim): this connection's writes bump _version, another connection's change
         # SQLite's `PRAGMA data_version`.
         self._version = 0
-        self._cache: dict[str | None, tuple[tuple[int, int], list[Experiment]]] = {}
+        self._cache: dict[str | None, tuple[int, list[Experiment]]] = {}
         if readonly:
             self._open_readonly()
             return
@@ -167,13 +166,18 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"cannot read the ledger {self.path}: {exc}",
                               "check the file; `autoresearch status` says more") from None
+        known = self._known(done)
+        if known - done:
+            raise LedgerError(f"the ledger {self.path} is from an older autoresearch",
+                              "run `autoresearch status` once in the lab to bring it up to date")
+
+    def _known(self, done: set[str]) -> set[str]:
+        """The migrations this autoresearch knows; a ledger with one it does not is refused."""
         known = {m.__name__ for m in MIGRATIONS}
         if done - known:
             raise LedgerError(f"the ledger {self.path} was written by a newer autoresearch ({sorted(done - known)[-1]})",
                               "upgrade autoresearch")
-        if known - done:
-            raise LedgerError(f"the ledger {self.path} is from an older autoresearch",
-                              "run `autoresearch status` once in the lab to bring it up to date")
+        return known
 
     def data_version(self) -> int:
         """A number that changes whenever another connection commits (SQLite's `PRAGMA data_version`),
@@ -222,13 +226,10 @@ class Ledger:
     def _migrate(self) -> None:
         """Apply the migrations this ledger lacks. Each one is checked and applied in one write
         transaction, so two processes opening a new ledger at once never apply one twice."""
-        known = {m.__name__ for m in MIGRATIONS}
         with self.transaction() as db:
             db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
-        if done - known:
-            raise LedgerError(f"the ledger {self.path} was written by a newer autoresearch ({sorted(done - known)[-1]})",
-                              "upgrade autoresearch")
+        self._known(done)
         for migration in MIGRATIONS:
             if migration.__name__ in done:
                 continue
@@ -297,7 +298,7 @@ class Ledger:
 
     def experiments(self, tag: str | None = None) -> list[Experiment]:
         with self._lock:
-            version = (self._version, int(self.db.execute("PRAGMA data_version").fetchone()[0]))
+            version = self.data_version()
             cached = self._cache.get(tag)
             if cached is None or cached[0] != version:
                 sql, args = "SELECT * FROM experiments", ()
@@ -331,8 +332,4 @@ class Ledger:
             status = e.status if e.status in ("keep", "discard") else "crash"
             description = " ".join(e.description.split()).replace("\t", " ")
             lines.append(f"{e.short_commit}\t{metric:.6f}\t{memory:.1f}\t{status}\t{description}")
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # one per writer
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.chmod(name, 0o644)
-        os.replace(name, path)
+        write_atomically(path, "\n".join(lines) + "\n")

@@ -105,6 +105,14 @@ def per_agent(history: list[Experiment], direction: str) -> list[AgentTally]:
     return tallies
 
 
+def delta_of(e: Experiment) -> float | None:
+    """e's metric minus the champion's it was judged against (negative = lower); None for the
+    baseline or an unmeasured run."""
+    if e.metric is None or e.champion_metric is None or e.kind == "baseline":
+        return None
+    return e.metric - e.champion_metric
+
+
 def where_ran(e: Experiment) -> str | None:
     """`w1@local`, `w0@10.0.0.2`: the worker and the node that ran e (None when not recorded)."""
     if not e.worker:
@@ -126,9 +134,7 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
             left_out |= {group[i].id for i in outliers([x.metric for x in group if x.metric is not None])}
     rows = []
     for e in experiments:
-        delta = None
-        if e.metric is not None and e.champion_metric is not None and e.kind != "baseline":
-            delta = e.metric - e.champion_metric
+        delta = delta_of(e)
         figure = standing(e, experiments) if e.status == "keep" else None
         rows.append({
             "id": e.id, "kind": e.kind, "commit": e.short_commit if e.commit_sha else "", "metric": e.metric,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from typing import Any
 from ..config import SECRET_PATTERNS
 from ..errors import ContextTooLong
 from ..experiment import Experiment
+from ..files import write_atomically
 from ..procgroup import redact
 from .base import AgentBase, AgentError, Proposal, ResearchContext
 from .context import Prompt, RepairRequest, build_prompt
@@ -188,15 +188,7 @@ def save_replies(replies: Replies, directory: Path, tag: str) -> Path:
         n += 1
         path = directory / f"{stem}-{n}-llm.json"
     text = json.dumps(_redacted(replies.as_json(), os.environ), ensure_ascii=False, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, text, mode=None)
 
 
 def _redacted(value: Any, env: Mapping[str, str]) -> Any:

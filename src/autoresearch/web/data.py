@@ -16,9 +16,17 @@ from typing import Any
 
 from ..display import clean
 from ..experiment import Experiment
-from ..judge import commit_of
+from ..judge import commit_of, improvement
 from ..lab import Lab
-from ..report import Standing, champion_line, noise_band, per_agent, standing, where_ran
+from ..report import (
+    Standing,
+    champion_line,
+    delta_of,
+    noise_band,
+    per_agent,
+    standing,
+    where_ran,
+)
 
 LOG_TAIL_BYTES = 64 * 1024  # the end of a log a page shows (a run's log may be megabytes)
 TEXT_BYTES = 256 * 1024  # a diff, a transcript or a reply file: at most this much is read
@@ -29,12 +37,6 @@ FINISHED = ("keep", "discard", "crash", "timeout", "invalid", "killed")
 def experiments_of(history: list[Experiment]) -> list[Experiment]:
     """The tag's experiments in order, repeats left out (they are measurements of another one)."""
     return [e for e in history if e.kind != "repeat"]
-
-
-def _delta(e: Experiment) -> float | None:
-    if e.metric is None or e.champion_metric is None or e.kind == "baseline":
-        return None
-    return e.metric - e.champion_metric
 
 
 def _hours(history: list[Experiment], now: float) -> float:
@@ -93,7 +95,7 @@ def standings(kept: list[Experiment], history: list[Experiment]) -> dict[int, St
 def row(e: Experiment, n: int | None) -> dict[str, Any]:
     """One experiment as the table and the chart have it (`n`: its number on the chart's x axis)."""
     return {
-        "id": e.id, "n": n, "kind": e.kind, "status": e.status, "metric": e.metric, "delta": _delta(e),
+        "id": e.id, "n": n, "kind": e.kind, "status": e.status, "metric": e.metric, "delta": delta_of(e),
         "test": e.test_metric, "seconds": e.run_seconds, "agent": clean(e.agent, limit=80),
         "worker": clean(e.worker or "", limit=40), "where": clean(where_ran(e) or "", limit=80),
         "commit": e.short_commit if e.commit_sha else "", "cost": e.cost_usd, "created_at": e.created_at,
@@ -109,8 +111,8 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
     now = time.time() if now is None else now
     config = lab.config
     direction, k = config.metric.direction, config.judge.k if config.judge.mode == "noise" else None
-    done = [e for e in experiments_of(history) if e.status not in ("pending", "running")]
     shown = experiments_of(history)
+    done = [e for e in shown if e.status not in ("pending", "running")]
     numbers = {e.id: i for i, e in enumerate(done)}
     kept = [e for e in done if e.status == "keep"]
     figures = standings(kept, history)
@@ -141,8 +143,8 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
         lineage.append({"id": e.id, "commit": e.short_commit, "metric": level, "runs": figure.runs if figure else 0,
                         "own": e.metric, "test": e.test_metric, "agent": clean(e.agent, limit=80),
                         "description": clean(e.description, limit=ROW_TEXT),
-                        "gain": None if previous is None or level is None else _gain(level, previous, direction),
-                        "total": None if base is None or level is None else _gain(level, base.metric, direction)})
+                        "gain": None if previous is None or level is None else improvement(level, previous, direction),
+                        "total": None if base is None or level is None else improvement(level, base.metric, direction)})
         previous = level
     chart = {
         "points": [{"n": numbers[e.id], "id": e.id, "metric": e.metric, "status": e.status,
@@ -169,11 +171,6 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
         "rows": [row(e, numbers.get(e.id)) for e in reversed(history)],
         "chart": chart, "lineage": lineage, "workers": workers,
     }
-
-
-def _gain(level: float, reference: float, direction: str) -> float:
-    """How much better `level` is than `reference` (positive is better, whatever the direction)."""
-    return reference - level if direction == "min" else level - reference
 
 
 # -- one experiment ------------------------------------------------------------------------------

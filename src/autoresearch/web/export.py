@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 from markupsafe import Markup
 
 from ..experiment import Experiment
+from ..files import write_atomically
 from ..lab import Lab
 from . import data
 from .render import environment, static_dir
@@ -62,9 +61,4 @@ def write_html(lab: Lab, history: list[Experiment], tag: str, runs: list[dict[st
     """Write the report to `path` (through a temporary file: a reader never sees half of it)."""
     text = render_html(lab, history, tag, runs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(name, 0o644)
-    os.replace(name, path)
-    return path
+    return write_atomically(path, text)
