@@ -122,6 +122,7 @@ def test_pages_are_served_with_a_policy_that_forbids_inline_scripts(served: tupl
     assert "raise LR" in page and "faster" in page and 'class="gi"' in page  # the diff, highlighted
     assert s.get(f"/e/{ids['crash']}").text.count("Traceback: boom") == 1
     assert s.get("/e/999999").status_code == 404
+    assert s.get("/api/log/999999").status_code == 404
 
 
 def test_the_server_never_writes_the_ledger(served: tuple[Served, dict[str, int]], lab: Lab) -> None:

@@ -56,9 +56,9 @@ def when(value: float | None) -> str:
 
 def highlight_diff(text: str) -> Markup:
     """A unified diff as HTML, coloured by Pygments' diff lexer (its output is escaped)."""
-    from pygments import highlight
-    from pygments.formatters import HtmlFormatter
-    from pygments.lexers import DiffLexer
+    from pygments import highlight  # type: ignore[import-untyped]
+    from pygments.formatters import HtmlFormatter  # type: ignore[import-untyped]
+    from pygments.lexers import DiffLexer  # type: ignore[import-untyped]
 
     return Markup(highlight(text, DiffLexer(), HtmlFormatter(nowrap=True)))  # noqa: S704 (Pygments escapes)
 

@@ -232,7 +232,7 @@ def make_app(lab: Lab, token: str | None = None, loopback: bool = True) -> Any:
     async def api_log(request: Request) -> Response:
         found = await asyncio.to_thread(research.experiment, request.path_params["eid"])
         if found is None:
-            return JSONResponse({"missing": "no such experiment"}, status=404)
+            return JSONResponse({"missing": "no such experiment"}, status_code=404)
         return JSONResponse(await asyncio.to_thread(data.log_tail, lab, found[0]), headers={"cache-control": "no-store"})
 
     async def events(request: Request) -> Response:
