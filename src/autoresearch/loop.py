@@ -54,6 +54,8 @@ EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
 OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
 FIXABLE = ("crash", "oom", "nan")  # outcomes an agent may repair; a timeout is not a bug to patch
 MAX_ATTEMPTS = 3  # runs of one experiment that a lost node or a killed orchestrator may interrupt
+EXHAUSTED = (f"interrupted {MAX_ATTEMPTS} times (its node lost or the orchestrator killed): "
+             "not run again")  # the reason such an experiment is given
 CRASH_STATUS = {"invalid": "invalid", "crash": "crash", "nan": "crash", "oom": "crash", "timeout": "timeout", "killed": "killed"}
 
 
@@ -381,6 +383,11 @@ class Loop:
         return eid
 
     def _check_baseline(self, e: Experiment) -> None:
+        """Stop when the baseline failed. One that the orchestrator's deaths interrupted too often is
+        not the code's fault: it stays in the ledger as killed and a new baseline is measured."""
+        if e.kind == "baseline" and e.status == "killed" and e.reason == EXHAUSTED:
+            self.view.message(f"the baseline #{e.id} was {EXHAUSTED}; measuring a new baseline")
+            return
         if e.kind == "baseline" and e.status != "keep":
             self.stop_reason = "baseline failed"
             raise LoopError(f"the baseline run failed ({e.reason}); nothing can be compared against it",
@@ -613,8 +620,7 @@ class Loop:
             attempt = (e.attempt or 1) + 1 if e.started_at is not None else 1  # run again after a kill or lost node
             if attempt > MAX_ATTEMPTS:
                 self.ledger.update(eid, status="killed", outcome="killed", finished_at=time.time(),
-                                   reason=f"interrupted {MAX_ATTEMPTS} times (its node lost or the orchestrator "
-                                   "killed): not run again")
+                                   reason=EXHAUSTED)
                 return self.ledger.get(eid)
             self.ledger.update(eid, status="running", started_at=time.time(), log_path=str(log), regime=self.regime,
                                attempt=attempt, **where)
