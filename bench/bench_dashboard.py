@@ -5,8 +5,9 @@
 Makes a lab whose ledger holds N synthetic experiments (a night of a few agents on 4 workers: kept,
 discarded, crashed and repeat runs, with diffs and noise), serves the dashboard on 127.0.0.1, and
 drives Debian's chromium through Selenium:
-- first page: navigation start to the chart and the table drawn (the page marks `data-rows`), and
-  the server's time for `/` and `/api/state` alone;
+- first page: navigation start to the chart and the table drawn, as the page itself measures it
+  (`data-drawn`, from `performance.now()`; Selenium's round trips are not in it), and the server's
+  time for `/`, for `/api/state?rows=200` (what the first page fetches) and for all the rows;
 - live update: a row written to the ledger by another connection until the browser shows it in the
   table (measured in the browser against the write's wall time), `--updates` times.
 Goals (issue 15): first page < 300 ms, live update < 2 s.
@@ -113,7 +114,7 @@ def main() -> None:
         cold = time.perf_counter()
         requests.get(url + "api/state", timeout=60)
         print(f"server, first /api/state after start (state computed): {1000 * (time.perf_counter() - cold):.0f} ms")
-        for name in ("", "api/state"):
+        for name in ("", "api/state?rows=200", "api/state"):
             times = []
             for _ in range(5):
                 t = time.perf_counter()
@@ -125,10 +126,9 @@ def main() -> None:
             loads = []
             for _ in range(5):
                 driver.get(url)
-                while driver.execute_script("return document.body.dataset.rows") is None:
+                while (drawn := driver.execute_script("return document.body.dataset.drawn")) is None:
                     time.sleep(0.01)
-                drawn = driver.execute_script("return performance.now()")
-                loads.append(drawn)
+                loads.append(float(drawn))
             print(f"browser, first page to chart and table drawn: median {statistics.median(loads):.0f} ms "
                   f"(runs {', '.join(f'{x:.0f}' for x in loads)}); goal < 300 ms")
             if args.screenshot:

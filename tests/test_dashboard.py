@@ -309,3 +309,18 @@ def test_dashboard_on_a_busy_port_is_a_one_line_error(lab: Lab) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[0].startswith("error: the dashboard cannot listen on 127.0.0.1:")
     assert "--port" in proc.stderr
+
+
+def test_the_state_can_carry_only_the_newest_rows(served: tuple[Served, dict[str, int]]) -> None:
+    """`?rows=N`: what the first page fetches (the table's first page; the chart, figures and filter
+    choices still of every row); anything but a number: all the rows."""
+    s, _ = served
+    full = s.get("/api/state").json()
+    assert full["rows_total"] == len(full["rows"]) > 2
+    head = s.get("/api/state?rows=2").json()
+    assert head["rows"] == full["rows"][:2] and head["rows_total"] == full["rows_total"]
+    assert head["chart"] == full["chart"] and head["counts"] == full["counts"] and head["facets"] == full["facets"]
+    assert set(full["facets"]["status"]) == {r["status"] for r in full["rows"]}
+    for odd in ("-1", "x", "1e9", "99999999999", ""):
+        assert len(s.get(f"/api/state?rows={odd}").json()["rows"]) == full["rows_total"]
+    assert s.get("/api/state?rows=0").json()["rows"] == []

@@ -617,6 +617,41 @@ def test_a_change_during_a_slow_fetch_is_not_lost(small_lab: tuple[Path, Served]
              detail=lambda: f"table {table_ids(browser)}, new rows {first} and {second}")
 
 
+def test_the_first_page_carries_the_newest_rows_and_a_filter_fetches_them_all(tmp_path: Path, browser: Any) -> None:
+    """A big ledger's first page fetches only the newest rows (the chart has every point); filtering
+    fetches the rest, so an old row is found."""
+    from selenium.webdriver.support.ui import Select
+
+    proc = run_cli("init", "lab", "--preset", "tiny", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lab = tmp_path / "lab"
+    ids = fill_ledger(lab, "night", hostile=False, n=150)  # 304 rows; the only crash is the 4th
+    served = Served(lab)
+    try:
+        browser.get(served.url)
+        wait_for("the overview drawn", lambda: drawn(browser))
+        assert browser.execute_script("return document.body.dataset.rows") == "304"
+        shown = table_ids(browser)
+        assert len(shown) == 200 and shown[0] == 304 and ids["crash"] not in shown
+        assert browser.find_element("id", "shown").text == "200 of 304"
+        fetched = browser.execute_script(
+            "return performance.getEntriesByType('resource').map((r) => r.name).filter((n) => n.includes('/api/state'))")
+        assert fetched and all("rows=200" in name for name in fetched), fetched
+        assert chart_canvas(browser)["painted"] > 500  # the chart has every point regardless
+        Select(browser.find_element("id", "f-status")).select_by_value("crash")
+        wait_for("the old crash found", lambda: table_ids(browser) == [ids["crash"]],
+                 detail=lambda: f"table {table_ids(browser)[:5]}..., {browser.find_element('id', 'shown').text}")
+        assert browser.find_element("id", "shown").text == "1 of 1 (filtered from 304)"
+        Select(browser.find_element("id", "f-status")).select_by_value("")
+        wait_for("every row listed again", lambda: len(table_ids(browser)) == 200)
+        assert browser.find_element("id", "shown").text == "200 of 304"
+        browser.find_element("id", "more").click()
+        wait_for("the rest shown", lambda: len(table_ids(browser)) == 304)
+        assert not browser.find_element("id", "more").is_displayed()
+    finally:
+        served.close(browser)
+
+
 def test_a_stray_escape_does_not_hide_the_rest_of_a_log(small_lab: tuple[Path, Served], browser: Any) -> None:
     from autoresearch.ledger import Ledger
 

@@ -168,7 +168,9 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
         "sigma": next((e.sigma for e in reversed(done) if e.sigma is not None), None),
         "agents": [{"agent": clean(t.agent, limit=80), "proposals": t.proposals, "keeps": t.keeps, "gain": t.gain,
                     "cost": t.cost} for t in per_agent(history, direction)],
-        "rows": [row(e, numbers.get(e.id)) for e in reversed(history)],
+        "rows": [row(e, numbers.get(e.id)) for e in reversed(history)], "rows_total": len(history),
+        "facets": {"status": sorted({e.status for e in history}), "agent": sorted({clean(e.agent, limit=80) for e in history}),
+                   "worker": sorted({clean(e.worker, limit=40) for e in history if e.worker})},
         "chart": chart, "lineage": lineage, "workers": workers,
     }
 

@@ -47,7 +47,7 @@ class Research:
         self.lab = lab
         self._ledger: Ledger | None = None
         self._lock = threading.Lock()
-        self._states: dict[str, tuple[int, dict[str, Any], bytes]] = {}
+        self._states: dict[str, tuple[int, dict[str, Any], dict[int | None, bytes]]] = {}
 
     def ledger(self) -> Ledger | None:
         with self._lock:
@@ -80,19 +80,24 @@ class Research:
         ledger = self.ledger()
         return [] if ledger is None else ledger.experiments(tag)
 
-    def state(self, tag: str) -> tuple[dict[str, Any], bytes]:
-        """The tag's state and its JSON, recomputed only after the ledger changed."""
+    def state(self, tag: str, rows: int | None = None) -> tuple[dict[str, Any], bytes]:
+        """The tag's state and its JSON, recomputed only after the ledger changed; with `rows`, only
+        that many of the table's rows (the newest: a first page that need not carry 10,000 of them)."""
         version = self.version()
         cached = self._states.get(tag)
-        if cached is not None and cached[0] == version:
-            return cached[1], cached[2]
-        ledger = self.ledger()
-        runs = [] if ledger is None else [dict(r) for r in ledger.runs(tag)]
-        value = data.state(self.lab, self.history(tag), tag, self.tags(), runs)
-        value["version"] = version
-        body = json.dumps(value, separators=(",", ":"), allow_nan=False, default=str).encode()
-        self._states[tag] = (version, value, body)
-        return value, body
+        if cached is None or cached[0] != version:
+            ledger = self.ledger()
+            runs = [] if ledger is None else [dict(r) for r in ledger.runs(tag)]
+            value = data.state(self.lab, self.history(tag), tag, self.tags(), runs)
+            value["version"] = version
+            cached = self._states[tag] = (version, value, {})
+        _, value, bodies = cached
+        if rows is not None and rows >= len(value["rows"]):
+            rows = None
+        if rows not in bodies:
+            part = value if rows is None else {**value, "rows": value["rows"][:rows]}
+            bodies[rows] = json.dumps(part, separators=(",", ":"), allow_nan=False, default=str).encode()
+        return value, bodies[rows]
 
     def experiment(self, eid: int) -> tuple[Experiment, list[Experiment]] | None:
         ledger = self.ledger()
@@ -218,7 +223,9 @@ def make_app(lab: Lab, token: str | None = None, loopback: bool = True) -> Any:
         if tag is None:
             return JSONResponse({"tag": None, "tags": [], "version": research.version(), "empty": True},
                                 headers={"cache-control": "no-store"})
-        _, body = await asyncio.to_thread(research.state, tag)
+        wanted = request.query_params.get("rows", "")
+        rows = int(wanted) if wanted.isdigit() and len(wanted) < 9 else None  # anything else: all of them
+        _, body = await asyncio.to_thread(research.state, tag, rows)
         return Response(body, media_type="application/json", headers={"cache-control": "no-store"})
 
     async def experiment(request: Request) -> Response:

@@ -15,6 +15,8 @@
   let shownRows = PAGE;
   let sortKey = "id", sortUp = false;
   let knownIds = null;
+  let needAll = false; // the first page fetches only the newest rows; filters, sorting and "more" need them all
+  let refresh = () => {}; // fetches the state again (live only)
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -219,10 +221,12 @@
     return rows;
   }
 
+  const partial = (s) => s.rows.length < s.rows_total;
+
   function drawTable(s) {
-    options("f-status", new Set(s.rows.map((r) => r.status)));
-    options("f-agent", new Set(s.rows.map((r) => r.agent)));
-    options("f-worker", new Set(s.rows.map((r) => r.worker).filter((w) => w)));
+    options("f-status", new Set(s.facets.status));
+    options("f-agent", new Set(s.facets.agent));
+    options("f-worker", new Set(s.facets.worker));
     const rows = filtered(s);
     const fresh = knownIds === null ? new Set() : new Set(s.rows.filter((r) => !knownIds.has(r.id)).map((r) => r.id));
     knownIds = new Set(s.rows.map((r) => r.id));
@@ -235,8 +239,11 @@
         el("td", { class: "desc" }, (r.kind === "repeat" ? "(repeat of #" + r.repeat_of + ") " : "") + r.description, r.reason ? el("span", { class: "none", text: " (" + r.reason + ")" }) : null));
       return tr;
     }));
-    document.getElementById("shown").textContent = Math.min(rows.length, shownRows) + " of " + rows.length + (rows.length !== s.rows.length ? " (filtered from " + s.rows.length + ")" : "");
-    document.getElementById("more").hidden = rows.length <= shownRows;
+    const shown = document.getElementById("shown");
+    if (partial(s) && needAll) shown.textContent = "loading all " + s.rows_total + " rows…";
+    else if (partial(s)) shown.textContent = Math.min(rows.length, shownRows) + " of " + s.rows_total;
+    else shown.textContent = Math.min(rows.length, shownRows) + " of " + rows.length + (rows.length !== s.rows.length ? " (filtered from " + s.rows.length + ")" : "");
+    document.getElementById("more").hidden = rows.length <= shownRows && !partial(s);
     for (const th of document.querySelectorAll("#table th[data-sort]")) {
       th.classList.toggle("sorted", th.dataset.sort === sortKey);
       th.classList.toggle("up", th.dataset.sort === sortKey && sortUp);
@@ -249,20 +256,30 @@
     document.getElementById("empty").hidden = true;
     drawFigures(s); drawChart(s); drawWorkers(s); drawLineage(s); drawAgents(s); drawTable(s);
     body.dataset.version = String(s.version ?? "");
-    body.dataset.rows = String(s.rows.length);
+    body.dataset.rows = String(s.rows_total);
+    if (!body.dataset.drawn) body.dataset.drawn = performance.now().toFixed(0); // navigation start to the first draw
+  }
+
+  function wantAll() {
+    if (!state || !partial(state) || needAll) return;
+    needAll = true;
+    drawTable(state);
+    refresh();
   }
 
   function hookTable() {
     for (const id of ["f-status", "f-agent", "f-worker", "f-kind", "f-text"]) {
-      document.getElementById(id).addEventListener("input", () => { shownRows = PAGE; if (state) drawTable(state); });
+      // a select announces a choice by "change" (some browsers and drivers send no "input" for it)
+      document.getElementById(id).addEventListener(id === "f-text" ? "input" : "change", () => { shownRows = PAGE; wantAll(); if (state) drawTable(state); });
     }
     for (const th of document.querySelectorAll("#table th[data-sort]")) {
       th.addEventListener("click", () => {
         if (sortKey === th.dataset.sort) sortUp = !sortUp; else { sortKey = th.dataset.sort; sortUp = sortKey !== "id" && sortKey !== "seconds"; }
+        wantAll();
         if (state) drawTable(state);
       });
     }
-    document.getElementById("more").addEventListener("click", () => { shownRows += PAGE; drawTable(state); });
+    document.getElementById("more").addEventListener("click", () => { shownRows += PAGE; wantAll(); drawTable(state); });
     document.querySelector("#table tbody").addEventListener("click", (ev) => {
       if (ev.target.closest("a")) return;
       const tr = ev.target.closest("tr[data-id]");
@@ -287,7 +304,10 @@
 
   async function fetchState() {
     const tag = body.dataset.tag;
-    const res = await fetch("/api/state" + (tag ? "?tag=" + encodeURIComponent(tag) : ""), { cache: "no-store" });
+    const query = new URLSearchParams();
+    if (tag) query.set("tag", tag);
+    if (!needAll) query.set("rows", String(PAGE));
+    const res = await fetch("/api/state?" + query, { cache: "no-store" });
     const s = await res.json();
     if (s.empty) return;
     if (!tag && s.tag) body.dataset.tag = s.tag;
@@ -299,7 +319,7 @@
     if (live) {
       // one fetch at a time; a change announced during a fetch is fetched right after it
       let pending = false, again = false;
-      const refresh = () => {
+      refresh = () => {
         if (pending) { again = true; return; }
         pending = true; again = false;
         fetchState().finally(() => { pending = false; if (again) refresh(); });
