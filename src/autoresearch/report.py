@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .display import clean, markdown_cell
-from .judge import counted_runs, mean, outliers
+from .judge import commit_of, counted_runs, mean, outliers
 from .ledger import Experiment, runs_of
 
 if TYPE_CHECKING:
@@ -44,6 +44,22 @@ def standing(e: Experiment, history: list[Experiment]) -> Standing | None:
     if runs:
         return Standing(e, mean(runs), len(runs))
     return None if e.metric is None else Standing(e, e.metric, 1)
+
+
+def by_commit(history: list[Experiment]) -> dict[int, list[Experiment]]:
+    """The tag's rows grouped by the experiment whose commit they ran (judge.commit_of): all that a
+    kept experiment's figure and its outliers read, so that figuring every one is linear in the rows."""
+    groups: dict[int, list[Experiment]] = {}
+    for x in history:
+        groups.setdefault(commit_of(x), []).append(x)
+    return groups
+
+
+def standings(kept: list[Experiment], history: list[Experiment]) -> dict[int, Standing]:
+    """Each kept experiment's figure (see standing), by id: linear in the tag's rows, not kept x rows
+    (5.8 s at 10,000 rows)."""
+    groups = by_commit(history)
+    return {e.id: figure for e in kept if (figure := standing(e, groups.get(e.id, [e]))) is not None}
 
 
 def champion(history: list[Experiment]) -> Standing | None:
@@ -127,15 +143,17 @@ def status_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     `mean` and `runs`, for a kept experiment, the mean of the runs that count for its commit and their
     number (its `metric` is its own run only); `where`, the worker and node that ran it (see `where_ran`)."""
     shared = disturbed(experiments)
+    groups = by_commit(experiments)
     left_out: set[int] = set()
     for e in experiments:
         if e.kind != "repeat" and e.status == "keep":  # a candidate's own runs are never trimmed
-            group = runs_of(e, experiments)
+            group = runs_of(e, groups[e.id])
             left_out |= {group[i].id for i in outliers([x.metric for x in group if x.metric is not None])}
+    figures = standings([e for e in experiments if e.status == "keep"], experiments)
     rows = []
     for e in experiments:
         delta = delta_of(e)
-        figure = standing(e, experiments) if e.status == "keep" else None
+        figure = figures.get(e.id)
         rows.append({
             "id": e.id, "kind": e.kind, "commit": e.short_commit if e.commit_sha else "", "metric": e.metric,
             "delta": delta, "status": e.status, "reason": e.reason, "seconds": e.run_seconds,

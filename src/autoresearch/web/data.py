@@ -16,15 +16,15 @@ from typing import Any
 
 from ..display import clean
 from ..experiment import Experiment
-from ..judge import commit_of, improvement
+from ..judge import improvement
 from ..lab import Lab
 from ..report import (
-    Standing,
     champion_line,
     delta_of,
     noise_band,
     per_agent,
     standing,
+    standings,
     where_ran,
 )
 
@@ -81,15 +81,6 @@ def _workers(runs: list[dict[str, Any]], history: list[Experiment], budget: floa
             "budget": budget, "limit": limit,
         })
     return out
-
-
-def standings(kept: list[Experiment], history: list[Experiment]) -> dict[int, Standing]:
-    """Each kept experiment's figure (report.standing), from the rows of its own commit only, which
-    are all a figure reads: linear in the tag's rows, not kept x rows (5.8 s at 10,000 rows)."""
-    by_commit: dict[int, list[Experiment]] = {}
-    for x in history:
-        by_commit.setdefault(commit_of(x), []).append(x)
-    return {e.id: figure for e in kept if (figure := standing(e, by_commit.get(e.id, [e]))) is not None}
 
 
 def row(e: Experiment, n: int | None) -> dict[str, Any]:
