@@ -274,6 +274,25 @@ def test_secrets_in_replies_are_redacted(tmp_path: Path, keyed: None, monkeypatc
     assert reply == "my key is <ANTHROPIC_API_KEY> and <MY_SERVICE_TOKEN>"  # keyed: both hold KEY
 
 
+def test_the_labs_own_secret_variables_are_redacted_too(tmp_path: Path, keyed: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`[lab] secret_env` names variables the defaults do not (WANDB_KEY): the run's agent, as the CLI
+    makes it from the lab's config, keeps their values out of its saved replies as well."""
+    from autoresearch.cli import _agent
+
+    repo = make_target(tmp_path)
+    toml = repo / "autoresearch.toml"
+    toml.write_text(toml.read_text().replace("[lab]\n", '[lab]\nsecret_env = ["WANDB_*"]\n', 1))
+    monkeypatch.setenv("WANDB_KEY", "wandb-0123456789abcdef")
+    with FakeLLM(script=[Reply("logging with wandb-0123456789abcdef"), Reply(WIDTH_EDIT)], key=KEY) as server:
+        agent = _agent(["openai:fake"], find_lab(repo).config, "t", server.openai_base_url)
+        proposal = agent.propose(bench_context())
+    assert proposal is not None
+    text = Path(proposal.meta["transcript"]).read_text(encoding="utf-8")
+    assert "0123456789abcdef" not in text and "<WANDB_KEY>" in text
+    assert KEY not in text  # the defaults still apply
+
+
 def test_conversations_started_in_the_same_millisecond_get_their_own_files(tmp_path: Path) -> None:
     first, second = (save_replies(Replies(agent="openai:x", kind="propose", started_at=1.0), tmp_path, "t")
                      for _ in range(2))

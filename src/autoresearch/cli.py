@@ -154,7 +154,8 @@ def _agent(specs: list[str] | None, config: LabConfig, tag: str, base_url: str |
         chosen = [entries.get(s) or AgentSpec(s, 1.0, config.agent_options) for s in specs]
     else:
         chosen = list(config.agents) or [AgentSpec(config.agent, 1.0, config.agent_options)]
-    return make_agents(chosen, config.root, editable=config.editable, tag=tag, base_url=base_url)
+    return make_agents(chosen, config.root, editable=config.editable, tag=tag, base_url=base_url,
+                       secret_env=config.secret_env)
 
 
 def _workers(value: str | None) -> int | None:

@@ -301,7 +301,7 @@ class Ledger:
             version = self.data_version()
             cached = self._cache.get(tag)
             if cached is None or cached[0] != version:
-                sql, args = "SELECT * FROM experiments", ()
+                sql, args = "SELECT * FROM experiments", tuple[str, ...]()
                 if tag is not None:
                     sql, args = sql + " WHERE tag = ?", (tag,)
                 cached = version, [Experiment(**dict(row)) for row in self._rows(sql + " ORDER BY id", args)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TextIO
 
 from .errors import AutoresearchError
 from .gitrepo import Git
@@ -20,26 +21,26 @@ class TagLock:
 
     def __init__(self, path: Path, tag: str) -> None:
         self.path, self.tag = path, tag
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> None:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        f = open(self.path, "a+")
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "?"
-            self._file.close()
-            self._file = None
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
             raise TagBusy(f"another `autoresearch run` is using tag {self.tag} (pid {holder})",
                           "wait for it, stop it, or choose another --tag") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
 
     def release(self) -> None:
         if self._file is not None:

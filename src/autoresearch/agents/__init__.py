@@ -38,22 +38,24 @@ OPTIONS = {
 
 
 def make_agent(spec: str, root: Path, options: dict[str, Any] | None = None, *, editable: Sequence[str] = ("train.py",),
-               tag: str = "run", base_url: str | None = None, where: str = "[agent]") -> Agent:
+               tag: str = "run", base_url: str | None = None, where: str = "[agent]",
+               secret_env: Sequence[str] = ()) -> Agent:
     """The agent a spec names. `root` is the lab; `options` the [agent] table (`where`: the table
-    they come from, for messages); `editable` the lab's globs."""
+    they come from, for messages); `editable` the lab's globs; `secret_env` the lab's `[lab]
+    secret_env`, whose variables' values are redacted from saved replies and transcripts as well."""
     options = dict(options or {})
     unknown = sorted(set(options) - set().union(*OPTIONS.values()))
     if unknown:
         raise AgentError(f"autoresearch.toml: {where} has unknown option(s) {', '.join(unknown)}",
                          f"known options: {', '.join(sorted(set().union(*OPTIONS.values())))}")
     try:
-        return _build(spec, root, options, list(editable), tag, base_url)
+        return _build(spec, root, options, list(editable), tag, base_url, tuple(secret_env))
     except (TypeError, ValueError) as exc:
         raise AgentError(f"autoresearch.toml: bad {where} option: {exc}") from None
 
 
 def make_agents(specs: Sequence[AgentSpec], root: Path, *, editable: Sequence[str] = ("train.py",),
-                tag: str = "run", base_url: str | None = None) -> Agent:
+                tag: str = "run", base_url: str | None = None, secret_env: Sequence[str] = ()) -> Agent:
     """The agent of one spec, or an AgentPool of several, each built by make_agent with its own
     options. A coding assistant after the first gets a scratch worktree of its own (`TAG-2`, ...)."""
     if not specs:
@@ -66,12 +68,12 @@ def make_agents(specs: Sequence[AgentSpec], root: Path, *, editable: Sequence[st
             assistants += 1
             own_tag = tag if assistants == 1 else f"{tag}-{assistants}"
         members.append((make_agent(s.spec, root, s.options, editable=editable, tag=own_tag, base_url=base_url,
-                                   where=s.where), s.weight))
+                                   where=s.where, secret_env=secret_env), s.weight))
     return members[0][0] if len(members) == 1 else AgentPool(members)
 
 
 def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], tag: str,
-           base_url: str | None) -> Agent:
+           base_url: str | None, secret_env: tuple[str, ...]) -> Agent:
     if spec == "hparam":
         from .hparam import HparamAgent
 
@@ -99,14 +101,14 @@ def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], 
         return LLMAgent(provider, editable=lambda path: matches(path, editable),
                         max_attempts=int(options.get("max_attempts", 3)), max_chars=int(options.get("max_chars", 120_000)),
                         max_tokens=int(options.get("max_tokens", 8192)), hardware=hardware(),
-                        transcripts=root / STATE_DIR / "transcripts", tag=tag)
+                        transcripts=root / STATE_DIR / "transcripts", tag=tag, secret_env=secret_env)
     kind, _, model = spec.partition(":")
     if kind in ("claude-code", "codex"):
         from .coding_cli import CodingCLIAgent
 
         return CodingCLIAgent(kind, lab_root=root, tag=tag, model=model or options.get("model"),  # type: ignore[arg-type]
                               timeout=float(options.get("timeout", 900)), executable=options.get("executable"),
-                              extra_args=[str(a) for a in options.get("extra_args", [])])
+                              extra_args=[str(a) for a in options.get("extra_args", [])], secret_env=secret_env)
     raise AgentError(f"unknown agent {spec!r}", f"choose one of: {', '.join(AGENT_SPECS)}")
 
 

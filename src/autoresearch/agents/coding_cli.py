@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,7 +71,7 @@ class CodingCLIAgent(AgentBase):
 
     def __init__(self, kind: Kind, lab_root: Path, tag: str, model: str | None = None, timeout: float = 900,
                  executable: str | None = None, extra_args: list[str] | None = None,
-                 grace_seconds: float = 5.0) -> None:
+                 grace_seconds: float = 5.0, secret_env: Sequence[str] = ()) -> None:
         if kind not in CLIS:
             raise AgentError(f"unknown coding assistant {kind!r}", f"choose one of: {', '.join(CLIS)}")
         self.kind, self.cli = kind, CLIS[kind]
@@ -81,6 +81,7 @@ class CodingCLIAgent(AgentBase):
         self.executable = self._resolve(executable or self.cli.program)
         self.worktree = self.lab_root / STATE_DIR / "agent-worktrees" / tag
         self.transcripts = self.lab_root / STATE_DIR / "transcripts"
+        self.secrets = (*SECRET_PATTERNS, *secret_env)  # whose values a transcript never holds
 
     # -- the Agent protocol ----------------------------------------------------------------------
 
@@ -154,7 +155,8 @@ class CodingCLIAgent(AgentBase):
             finally:
                 out, err = (_read(tmp / name) for name in ("stdout.txt", "stderr.txt"))
                 last = _read(tmp / "last-message.txt")
-                _save_transcript(transcript, argv, self.worktree, prompt, out, err, last, code, seconds, timed_out, env)
+                _save_transcript(transcript, argv, self.worktree, prompt, out, err, last, code, seconds, timed_out, env,
+                                 self.secrets)
         where = f"transcript: {transcript}"
         if timed_out:
             raise AgentUnavailable(f"{self.cli.program} did not finish within {self.timeout:g} s; {where}")
@@ -342,13 +344,14 @@ def _parse_codex(out: str, last: str) -> tuple[str, str | None, dict[str, Any]]:
 
 
 def _save_transcript(path: Path, argv: list[str], cwd: Path, prompt: str, out: str, err: str, last: str,
-                     code: int | None, seconds: float, timed_out: bool, env: Mapping[str, str]) -> None:
+                     code: int | None, seconds: float, timed_out: bool, env: Mapping[str, str],
+                     secrets: Sequence[str]) -> None:
     status = "timed out" if timed_out else f"exit code {code}"
     sections = [f"command: {shlex.join(argv)}  (prompt on stdin)", f"cwd: {cwd}", f"{status} after {seconds:.1f} s",
                 f"=== prompt ===\n{prompt}", f"=== stdout ===\n{out}", f"=== stderr ===\n{err}"]
     if last:
         sections.append(f"=== last message ===\n{last}")
-    path.write_text(redact("\n".join(sections) + "\n", env, SECRET_PATTERNS), encoding="utf-8")
+    path.write_text(redact("\n".join(sections) + "\n", env, secrets), encoding="utf-8")
 
 
 def _read(path: Path) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,15 +91,16 @@ class LLMAgent(AgentBase):
 
     def __init__(self, provider: Provider, editable: Callable[[str], bool], *, max_attempts: int = 3,
                  max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192,
-                 transcripts: Path | None = None, tag: str = "run") -> None:
+                 transcripts: Path | None = None, tag: str = "run", secret_env: Sequence[str] = ()) -> None:
         """`transcripts`: the directory every conversation is saved to (None: nowhere); `tag` starts
-        the file names."""
+        the file names; `secret_env`: patterns of variables redacted from them besides SECRET_PATTERNS."""
         if max_attempts < 1:
             raise AgentError("max_attempts must be at least 1")
         self.provider, self.editable = provider, editable
         self.name = provider.spec
         self.max_attempts, self.max_chars, self.hardware, self.max_tokens = max_attempts, max_chars, hardware, max_tokens
         self.transcripts, self.tag = transcripts, tag
+        self.secrets = (*SECRET_PATTERNS, *secret_env)
 
     def propose(self, context: ResearchContext) -> Proposal | None:
         return self._converse(context, None)
@@ -147,7 +148,7 @@ class LLMAgent(AgentBase):
             replies.outcome = f"failed: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
             raise
         finally:
-            path = None if self.transcripts is None else save_replies(replies, self.transcripts, self.tag)
+            path = None if self.transcripts is None else save_replies(replies, self.transcripts, self.tag, self.secrets)
         return proposal if path is None else replace(proposal, meta={**proposal.meta, "transcript": str(path)})
 
     def _attempts(self, context: ResearchContext, repair: RepairRequest | None, replies: Replies) -> Proposal:
@@ -177,9 +178,10 @@ class LLMAgent(AgentBase):
                         meta={**usage.as_meta(), "attempts": self.max_attempts, "format_errors": problems})
 
 
-def save_replies(replies: Replies, directory: Path, tag: str) -> Path:
+def save_replies(replies: Replies, directory: Path, tag: str, secrets: Sequence[str] = SECRET_PATTERNS) -> Path:
     """Write `replies` to `directory/<tag>-<UTC start, ms>Z-llm.json` (`...Z-2-llm.json` and on when
-    taken) through a temporary file, so a reader never sees half of one; secrets redacted."""
+    taken) through a temporary file, so a reader never sees half of one; the values of the variables
+    `secrets` names (fnmatch patterns) redacted."""
     directory.mkdir(parents=True, exist_ok=True)
     start = datetime.fromtimestamp(replies.started_at, timezone.utc)
     stem = f"{tag}-{start:%Y%m%dT%H%M%S}.{start.microsecond // 1000:03d}Z"
@@ -187,18 +189,18 @@ def save_replies(replies: Replies, directory: Path, tag: str) -> Path:
     while path.exists():
         n += 1
         path = directory / f"{stem}-{n}-llm.json"
-    text = json.dumps(_redacted(replies.as_json(), os.environ), ensure_ascii=False, indent=1) + "\n"
+    text = json.dumps(_redacted(replies.as_json(), os.environ, secrets), ensure_ascii=False, indent=1) + "\n"
     return write_atomically(path, text, mode=None)
 
 
-def _redacted(value: Any, env: Mapping[str, str]) -> Any:
+def _redacted(value: Any, env: Mapping[str, str], secrets: Sequence[str]) -> Any:
     """`value` (JSON data) with secrets replaced in every string, before quoting could hide them."""
     if isinstance(value, str):
-        return redact(value, env, SECRET_PATTERNS)
+        return redact(value, env, secrets)
     if isinstance(value, list):
-        return [_redacted(v, env) for v in value]
+        return [_redacted(v, env, secrets) for v in value]
     if isinstance(value, dict):
-        return {k: _redacted(v, env) for k, v in value.items()}
+        return {k: _redacted(v, env, secrets) for k, v in value.items()}
     return value
 
 
