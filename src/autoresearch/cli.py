@@ -262,21 +262,74 @@ def cmd_report(args: argparse.Namespace) -> int:
     judge's noise band) and report.md; with --html also report.html, one self-contained page with
     the dashboard's chart and tables that opens from disk, offline.
     """
+    from .carry import markdown, studies_of, verdicts
+    from .ledger import Ledger
     from .report import write_report
 
     lab, tag, experiments = _recorded(args)
     out = Path(args.out) if args.out else lab.root
+    judge = lab.config.judge
+    with Ledger(lab.ledger_path, readonly=True) as ledger:
+        studies = [(t, kind, verdicts(rows, lab.config.metric.direction, judge.sigma_floor if judge.mode == "noise" else 0))
+                   for t, kind, rows in studies_of(ledger, tag)]
+        runs = [dict(r) for r in ledger.runs(tag)]
     png, md = write_report(experiments, out, lab.config.metric.name, lab.config.metric.direction, tag,
-                           k=_band_k(lab.config))
+                           k=_band_k(lab.config), sections=markdown(studies, lab.config.metric.name))
     written = [png, md]
     if args.html:
-        from .ledger import Ledger
         from .web.export import write_html
 
-        with Ledger(lab.ledger_path, readonly=True) as ledger:
-            runs = [dict(r) for r in ledger.runs(tag)]
         written.append(write_html(lab, experiments, tag, runs, out / "report.html"))
     print("wrote " + ", ".join(str(p) for p in written[:-1]) + f" and {written[-1]}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Replay a tag's kept changes at a larger scale or on another lab, and measure whether they carry over.
+
+    The baseline and the baseline with every kept change merged in (3-way; with --each, every change
+    alone as well) are each run --repeats times, in rounds, at the target: constants set with --set
+    NAME=VALUE (repeatable; FILE:NAME=VALUE when several files have one), another --budget, or another
+    --lab whose files the changes still apply to (one that does not apply is reported). The same
+    runner, sandbox and evaluator as `run`; every run is a ledger row and a commit, under a tag of its
+    own. The result: each arm's gain over the baseline, paired by round, with a 95% interval, and a
+    verdict (carries over, within noise, hurts). Running the same command again resumes it.
+    """
+    return _study(args, "promote")
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Take each kept change out of the champion in turn, and measure what each is worth.
+
+    The champion and, for every kept change, the champion with that change reverted (3-way; one that
+    later changes build on is reported) are each run --repeats times, in rounds. Each change's effect:
+    the champion's improvement over the champion without it, paired by round, with a 95% interval,
+    sorted by effect; a change whose removal does not hurt is flagged as a candidate for
+    simplification. --set and --budget measure it at another scale. Running it again resumes it.
+    """
+    return _study(args, "ablate")
+
+
+def _study(args: argparse.Namespace, kind: str) -> int:
+    from .carry import Study, StudyOptions, parse_setting, summary_lines
+    from .loop import default_tag
+
+    lab = find_lab()
+    if args.budget is not None and args.budget <= 0:
+        raise ConfigError(f"--budget must be positive seconds, not {args.budget:g}")
+    options = StudyOptions(kind=kind, source_tag=args.tag or default_tag(lab),
+                           settings=tuple(parse_setting(s) for s in args.set), budget=args.budget,
+                           repeats=args.repeats, each=getattr(args, "each", False),
+                           target=Path(args.lab) if getattr(args, "lab", None) else None,
+                           workers=_workers(args.workers), ray=_ray(args.ray), tag=args.name)
+    study = Study(lab, options, _view(args.plain))
+    print(f"{kind} of tag {options.source_tag} ({len(study.chain)} kept changes) at {study.scale()}: "
+          f"tag {study.tag}, {study.repeats} runs per arm")
+    reason, result = study.run()
+    print("\n".join(summary_lines(study.tag, kind, result, study.target.config.metric.name)))
+    if reason != "study finished":
+        print(f"not finished ({reason}): run the same command again to resume")
+        return 1
     return 0
 
 
@@ -413,6 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiments at once on this machine (default 1; auto: one per GPU, 1 without a GPU)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run experiments on a Ray cluster, one per GPU: auto (started here with `ray start`) or HOST:PORT")
+
+    for name, handler in (("promote", cmd_promote), ("ablate", cmd_ablate)):
+        p = add(name, handler)
+        p.add_argument("--tag", default=None, help="the tag whose kept changes to take (default: the latest run)")
+        p.add_argument("--set", action="append", default=[], metavar="[FILE:]NAME=VALUE",
+                       help="a constant of the editable files at the target, e.g. DEPTH=12 (repeatable)")
+        p.add_argument("--budget", type=float, default=None, help="training seconds per run (default: the lab's)")
+        p.add_argument("--repeats", type=int, default=None, help="runs of every arm (default: [judge] repeats)")
+        if name == "promote":
+            p.add_argument("--each", action="store_true", help="also every kept change alone")
+            p.add_argument("--lab", default=None, metavar="PATH", help="promote onto another lab (its directory)")
+        p.add_argument("--name", default=None, help="the study's tag (default: derived from the command)")
+        p.add_argument("--plain", action="store_true", help="print a line per run instead of the live view")
+        p.add_argument("--workers", default=None, metavar="N|auto", help="runs at once on this machine")
+        p.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster: auto or HOST:PORT")
 
     p = add("status", cmd_status)
     p.add_argument("--tag", default=None, help="which run (default: the latest)")

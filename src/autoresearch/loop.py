@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -100,14 +101,23 @@ def ledger_path(lab: Lab) -> Path:
     return lab.ledger_path
 
 
+STUDY_AGENTS = ("promote", "ablate")  # the agent names of carry.py's studies, which are not research runs
+
+
+def latest_tag(runs: list[Any]) -> str | None:
+    """The tag of the latest research run (a `promote` or `ablate` study after it is not one)."""
+    research = [r for r in runs if r["agent"] not in STUDY_AGENTS]
+    return str(research[-1]["tag"]) if research else None
+
+
 def default_tag(lab: Lab) -> str:
     """The tag of the latest run in this lab (so re-running resumes it), else today's date (nov23)."""
     path = ledger_path(lab)
     if path.exists():
         with Ledger(path) as ledger:
-            runs = ledger.runs()
-            if runs:
-                return str(runs[-1]["tag"])
+            tag = latest_tag(ledger.runs())
+            if tag is not None:
+                return tag
     return time.strftime("%b%d").lower()
 
 
@@ -121,6 +131,7 @@ class Loop:
         self.tag = options.tag
         self.branch = f"refs/heads/autoresearch/{self.tag}"
         self.logs = lab.logs
+        self.results: Path | None = lab.root / "results.tsv"  # the tag's rows in the original's format (None: not written)
         self.budget = options.budget or self.config.budget
         self.run_id = 0
         self.stop_reason = ""
@@ -170,6 +181,13 @@ class Loop:
 
     def run(self) -> str:
         """Run until a limit, the agent runs out, or Ctrl-C. Returns why it stopped."""
+        return self.session(self._night)
+
+    def session(self, body: Callable[[], None]) -> str:
+        """Everything around the work of one invocation (`body`): the workers planned, the GPU
+        checked, the tag locked, the run recorded, git and the ledger made to agree (_recover); then,
+        whatever happens, the run's end recorded, results.tsv written and the tag freed. Ctrl-C once
+        asks `body` to stop after the current experiment (self._stop_requested). Returns why it stopped."""
         self._check_tag()
         if self.options.ray is not None or (self.options.workers is not None and self.options.workers != 1):
             from .workers import plan_lanes
@@ -185,7 +203,7 @@ class Loop:
         previous = signal.getsignal(signal.SIGINT)
         if _is_main_thread():
             signal.signal(signal.SIGINT, self._on_sigint)
-        started = self._started = time.monotonic()
+        self._started = time.monotonic()
         try:
             self._recover()
             self.view.start(self.lab.root.name, self.tag, self.agent.name, self.ledger.experiments(self.tag),
@@ -195,23 +213,7 @@ class Loop:
             if gpu:
                 self.view.message(f"GPU {self.device.gpu}: {gpu['name']}, {gpu['free_gb']:.0f} of "
                                   f"{gpu['total_gb']:.0f} GiB free")
-            if self.parallel:
-                from .workers import run_lanes
-
-                run_lanes(self)  # the same steps, on every worker at once
-                return self.stop_reason
-            for e in self.ledger.unfinished(self.tag):  # first: what a killed orchestrator left running
-                self.view.message(f"resuming experiment {e.id} ({e.description})")
-                self._check_baseline(self._execute(e.id))
-            if self._baseline() is None:
-                self._run_baseline()
-            self._measure_baseline()
-            self._measure_regime()
-            while not self.stop_reason:
-                self.stop_reason = self._limit_reached(started)
-                if self.stop_reason:
-                    break
-                self._one_experiment()
+            body()
         except KeyboardInterrupt:
             self.stop_reason = "stopped by Ctrl-C"
         finally:
@@ -224,6 +226,26 @@ class Loop:
             if self.cluster is not None:
                 self.cluster.close()
         return self.stop_reason
+
+    def _night(self) -> None:
+        """The research itself: the baseline and its repeats, then experiments until a limit."""
+        if self.parallel:
+            from .workers import run_lanes
+
+            run_lanes(self)  # the same steps, on every worker at once
+            return
+        for e in self.ledger.unfinished(self.tag):  # first: what a killed orchestrator left running
+            self.view.message(f"resuming experiment {e.id} ({e.description})")
+            self._check_baseline(self._execute(e.id))
+        if self._baseline() is None:
+            self._run_baseline()
+        self._measure_baseline()
+        self._measure_regime()
+        while not self.stop_reason:
+            self.stop_reason = self._limit_reached(self._started)
+            if self.stop_reason:
+                break
+            self._one_experiment()
 
     def champion(self) -> tuple[str | None, float | None]:
         """(commit, metric) of the latest kept experiment of this tag; the metric is the mean of all
@@ -795,8 +817,10 @@ class Loop:
             self.git.run("read-tree", "-m", "-u", old, new, check=False)
 
     def _export(self) -> None:
+        if self.results is None:
+            return
         with self.mutex:  # workers finishing together write it one at a time, the latest last
-            self.ledger.export_tsv(self.lab.root / "results.tsv", self.tag)
+            self.ledger.export_tsv(self.results, self.tag)
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._stop_requested:

@@ -281,9 +281,10 @@ def plot_progress(history: list[Experiment], path: Path, metric: str, direction:
 
 
 def write_report(experiments: list[Experiment], out: Path, metric: str, direction: str, tag: str,
-                 k: float | None = None) -> tuple[Path, Path]:
+                 k: float | None = None, sections: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Write progress.png and report.md into `out` for a tag's rows (repeats included); returns their
-    paths. `k`: the judge's k, for the noise band of the chart (None: no band)."""
+    paths. `k`: the judge's k, for the noise band of the chart (None: no band); `sections`: markdown
+    lines added at the end (the tag's promotions and ablations, carry.markdown)."""
     out.mkdir(parents=True, exist_ok=True)
     png, md = out / "progress.png", out / "report.md"
     done = plotted(experiments)
@@ -339,5 +340,6 @@ def write_report(experiments: list[Experiment], out: Path, metric: str, directio
             body = clean(e.patch, one_line=False).rstrip()
             fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", body)), default=0))  # never closed early
             lines += [f"{fence}diff", body, fence, ""]
+    lines += list(sections)
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return png, md

@@ -70,9 +70,11 @@ class Research:
         ledger = self.ledger()
         if ledger is None:
             return None
-        runs = ledger.runs()
-        if runs:
-            return str(runs[-1]["tag"])
+        from ..loop import latest_tag
+
+        tag = latest_tag(ledger.runs())
+        if tag is not None:
+            return tag
         tags = ledger.tags()
         return tags[-1] if tags else None
 
