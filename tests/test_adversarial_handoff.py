@@ -197,6 +197,8 @@ def test_the_start_up_is_the_smallest_champion_median_of_hand_off_minus_budget(t
         assert champion_startup(ledger, "t") == pytest.approx(3.5)
         add_run(ledger, thirty, "keep", 32.0)
         assert champion_startup(ledger, "t") == pytest.approx(2.0)
+        add_run(ledger, thirty, "keep", 12.0)  # stopped 18 s early: no start-up measured, nothing tightened
+        assert champion_startup(ledger, "t") == pytest.approx(2.0)
 
 
 def handed_over(seconds: float) -> RunResult:

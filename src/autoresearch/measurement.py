@@ -113,7 +113,10 @@ def model_copy(scratch: Path) -> Path:
 def champion_startup(ledger: Ledger, tag: str) -> float | None:
     """The start-up the tag has measured: for the baseline and every champion since, the median over
     its counted runs of (hand-off time - that run's budget); the smallest of those, so that a kept
-    run that started slowly never loosens the bound for the next. None until one was measured."""
+    run that started slowly never loosens the bound for the next. A run that handed its model over
+    before its budget was up stopped training early (a step cap, a finished epoch): it says nothing
+    of its start-up and is left out (taken as a start-up below zero, it would disqualify every
+    run that trains its full budget after it). None until one was measured."""
     budgets = {row["id"]: json.loads(row["config_json"]).get("budget") for row in ledger.runs(tag)}
     history = ledger.experiments(tag)
     medians = []
@@ -121,7 +124,8 @@ def champion_startup(ledger: Ledger, tag: str) -> float | None:
         if e.status != "keep":
             continue
         late = [x.handoff_seconds - budgets[x.run_id] for x in runs_of(e, history)
-                if x.handoff_seconds is not None and isinstance(budgets.get(x.run_id), (int, float))]
+                if x.handoff_seconds is not None and isinstance(budgets.get(x.run_id), (int, float))
+                and x.handoff_seconds >= budgets[x.run_id]]
         if late:
             medians.append(statistics.median(late))
     return min(medians) if medians else None
