@@ -89,6 +89,8 @@ def test_promote_replays_the_chain_at_the_target_and_each_change_alone(tmp_path:
     report = (repo / "report.md").read_text()
     assert report.startswith("# autoresearch run `t1`") and "## Promotions" in report and f"### `{tag}`" in report
     assert "| the kept chain (2 changes) at PAUSE=0.01 | 2 | 9.500000 | 2.500000 | +7.000000 |" in report
+    assert cli(repo, monkeypatch, "report", "--html") == 0  # the page's own card (test_dashboard_browser)
+    assert f'"tag":"{tag}","kind":"promote"' in (repo / "report.html").read_text()
     # the same command again: the study is found, nothing runs twice
     assert cli(repo, monkeypatch, "promote", "--set", "PAUSE=0.01", "--repeats", "2", "--each") == 0
     assert [(e.id, e.status, e.reason) for e in study_rows(repo, "promote")[1]] == [(e.id, e.status, e.reason)

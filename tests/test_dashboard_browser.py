@@ -666,3 +666,37 @@ def test_a_stray_escape_does_not_hide_the_rest_of_a_log(small_lab: tuple[Path, S
     text = browser.execute_script("return document.getElementById('log').textContent")
     assert "\x1b" not in text and text.startswith("step 1 loss 3.1")
     assert "RuntimeError: the real error" in text and "LAST-LINE" in text, repr(text)
+
+
+def test_a_promotion_and_an_ablation_show_on_the_overview(tmp_path: Path, browser: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tag's studies in their card (verdicts, intervals, notes as text), the study a tag of its own."""
+    from autoresearch.cli import main
+    from test_carry import two_changes
+
+    repo = two_changes(tmp_path)
+    monkeypatch.chdir(repo)
+    assert main(["promote", "--set", "PAUSE=0.01", "--repeats", "2", "--each", "--plain"]) == 0
+    assert main(["ablate", "--repeats", "2", "--plain"]) == 0
+    served = Served(repo)
+    try:
+        browser.get(served.url)
+        wait_for("the overview drawn", lambda: drawn(browser))
+        assert browser.execute_script("return document.body.dataset.tag") == "t1"  # studies are not the default
+        card = browser.find_element("id", "studies-card")
+        assert card.is_displayed()
+        titles = [h.text for h in card.find_elements("css selector", "h3")]
+        assert len(titles) == 2 and titles[0].startswith("promoted · t1-promote-") and titles[1].startswith("ablated · t1-ablate-")
+        cells = [[td.text for td in tr.find_elements("css selector", "td")]
+                 for tr in card.find_elements("css selector", "tbody tr")]
+        assert [c[1] for c in cells[:3]] == ["the kept chain (2 changes) at PAUSE=0.01", "#2 alone at PAUSE=0.01: width 15",
+                                             "#3 alone at PAUSE=0.01: rate 0.3"]
+        assert cells[0][5:] == ["+7.000000 ± 0.000000", "carries over"]
+        assert [c[6] for c in cells[3:]] == ["needed: removing it hurts"] * 2
+        card.find_element("css selector", "h3 a").click()  # the study's own page: its arms and runs
+        wait_for("the study's overview", lambda: browser.execute_script("return document.body.dataset.tag").startswith(
+            "t1-promote-") and drawn(browser))
+        wait_for("its rows", lambda: len(table_ids(browser)) == 8)
+        assert browser.execute_script("return window.__csp") == []
+    finally:
+        served.close(browser)

@@ -31,21 +31,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .agents.base import AgentBase, Proposal, ResearchContext
 from .checks import lines_changed, matches
 from .constants import Literal, find_constants, set_constants
 from .display import clean, markdown_cell
 from .errors import ConfigError, GitError
-from .experiment import Experiment
+from .experiment import EXPERIMENT_REF, Experiment
 from .gitrepo import Git
 from .judge import improvement, mean
 from .lab import Lab
 from .ledger import Ledger
-from .loop import EXPERIMENT_REF, Loop, LoopError, RunOptions
-from .measurement import drop_scratch
 from .view import View
+
+if TYPE_CHECKING:  # the loop and the runner bring torch: imported when a study runs, not to read one
+    from .config import LabConfig
+    from .loop import Loop
 
 KINDS = ("promote", "ablate")
 # Student's t at 97.5 % for 1..30 degrees of freedom (a two-sided 95 % interval); beyond, the normal's
@@ -223,16 +225,27 @@ def verdicts(history: list[Experiment], direction: str, sigma_floor: float = 0.0
 
 
 def studies_of(ledger: Ledger, source_tag: str) -> list[tuple[str, str, list[Experiment]]]:
-    """(study tag, kind, rows) of every promote or ablate study of `source_tag` in this ledger."""
+    """(study tag, kind, rows) of every promote or ablate study of `source_tag` in this ledger, or of
+    that study itself when `source_tag` is one; oldest first."""
     found = []
     for tag in ledger.tags():
-        if tag == source_tag:
-            continue
         rows = ledger.experiments(tag)
         first = next((e for e in rows if e.kind == "baseline"), None)
-        if first is not None and first.meta.get("study") in KINDS and first.meta.get("source_tag") == source_tag:
+        if (first is not None and first.meta.get("study") in KINDS
+                and source_tag in (tag, first.meta.get("source_tag"))):
             found.append((tag, str(first.meta["study"]), rows))
-    return found
+    return sorted(found, key=lambda f: f[2][0].id)  # in the order they were made
+
+
+def sigma_floor(config: LabConfig) -> float:
+    """The σ floor a lab's judge applies (none with a strict judge), which its studies apply too."""
+    return config.judge.sigma_floor if config.judge.mode == "noise" else 0.0
+
+
+def lab_studies(ledger: Ledger, tag: str, config: LabConfig) -> list[tuple[str, str, list[Verdict]]]:
+    """(study tag, kind, verdicts) of every study of `tag` in this ledger, as report and dashboard show them."""
+    return [(t, kind, verdicts(rows, config.metric.direction, sigma_floor(config)))
+            for t, kind, rows in studies_of(ledger, tag)]
 
 
 # -- making the arms ------------------------------------------------------------------------------
@@ -467,6 +480,8 @@ class Study:
     def run(self) -> tuple[str, list[Verdict]]:
         """Make and run every arm (resuming what an earlier attempt left), then judge them. Returns
         (why it stopped, the verdicts)."""
+        from .loop import Loop, RunOptions
+
         options = RunOptions(tag=self.tag, budget=self.options.budget, workers=self.options.workers,
                              ray=self.options.ray)
         with Ledger(self.target.ledger_path) as ledger:
@@ -476,12 +491,13 @@ class Study:
             return reason, self.verdicts(ledger.experiments(self.tag))
 
     def verdicts(self, history: list[Experiment]) -> list[Verdict]:
-        judge = self.target.config.judge
-        return verdicts(history, self.target.config.metric.direction, judge.sigma_floor if judge.mode == "noise" else 0.0)
+        return verdicts(history, self.target.config.metric.direction, sigma_floor(self.target.config))
 
     # -- inside the session --------------------------------------------------------------------
 
     def _work(self, loop: Loop) -> None:
+        from .loop import LoopError
+
         if self.target is not self.source:
             self._import(loop.git)
         rows = self._arms(loop)
@@ -602,6 +618,9 @@ class Study:
             loop.stop_reason = "stopped by Ctrl-C after finishing the runs"
 
     def _run_one(self, loop: Loop, eid: int, reference: int) -> None:
+        from .loop import LoopError
+        from .measurement import drop_scratch
+
         e = loop._run(eid)
         if e.kind == "repeat":
             e = loop._finish_repeat(e)

@@ -262,16 +262,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     judge's noise band) and report.md; with --html also report.html, one self-contained page with
     the dashboard's chart and tables that opens from disk, offline.
     """
-    from .carry import markdown, studies_of, verdicts
+    from .carry import lab_studies, markdown
     from .ledger import Ledger
     from .report import write_report
 
     lab, tag, experiments = _recorded(args)
     out = Path(args.out) if args.out else lab.root
-    judge = lab.config.judge
     with Ledger(lab.ledger_path, readonly=True) as ledger:
-        studies = [(t, kind, verdicts(rows, lab.config.metric.direction, judge.sigma_floor if judge.mode == "noise" else 0))
-                   for t, kind, rows in studies_of(ledger, tag)]
+        studies = lab_studies(ledger, tag, lab.config)
         runs = [dict(r) for r in ledger.runs(tag)]
     png, md = write_report(experiments, out, lab.config.metric.name, lab.config.metric.direction, tag,
                            k=_band_k(lab.config), sections=markdown(studies, lab.config.metric.name))
@@ -279,7 +277,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html:
         from .web.export import write_html
 
-        written.append(write_html(lab, experiments, tag, runs, out / "report.html"))
+        written.append(write_html(lab, experiments, tag, runs, out / "report.html", studies))
     print("wrote " + ", ".join(str(p) for p in written[:-1]) + f" and {written[-1]}")
     return 0
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"  # the git ref of every experiment's commit, kept forever
+
 
 @dataclass(frozen=True)
 class Experiment:

@@ -33,6 +33,7 @@ from .checks import (
 )
 from .errors import AgentUnavailable, AutoresearchError, GitError
 from .execution import Job, Slot, device_of, run_job
+from .experiment import EXPERIMENT_REF
 from .gitrepo import Git
 from .gpus import RunDevice, preflight
 from .judge import Procedure, block_of, counted_runs, mean
@@ -51,7 +52,6 @@ from .recovery import TagLock, clear_stale_git_locks, group_is_from
 from .sandbox import notice as sandbox_notice
 from .view import View
 
-EXPERIMENT_REF = "refs/autoresearch/experiments/{id}"
 OUTCOME_LABEL = {"nan": "NaN or exploding loss", "oom": "out of memory"}
 FIXABLE = ("crash", "oom", "nan")  # outcomes an agent may repair; a timeout is not a bug to patch
 MAX_ATTEMPTS = 3  # runs of one experiment that a lost node or a killed orchestrator may interrupt

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..carry import Verdict
 from ..display import clean
 from ..experiment import Experiment
 from ..judge import improvement
@@ -96,9 +98,19 @@ def row(e: Experiment, n: int | None) -> dict[str, Any]:
     }
 
 
+def studies(found: list[tuple[str, str, list[Verdict]]]) -> list[dict[str, Any]]:
+    """The tag's promote and ablate studies (carry.lab_studies) as the overview's card shows them."""
+    return [{"tag": clean(tag, limit=120), "kind": kind,
+             "arms": [{"id": v.row, "description": clean(v.description, limit=ROW_TEXT), "pairs": v.pairs,
+                       "reference": v.reference, "metric": v.metric, "gain": v.gain, "low": v.low, "high": v.high,
+                       "verdict": clean(v.verdict, limit=ROW_TEXT), "notes": [clean(n, limit=ROW_TEXT) for n in v.notes]}
+                      for v in result]}
+            for tag, kind, result in found]
+
+
 def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: list[dict[str, Any]],
-          now: float | None = None) -> dict[str, Any]:
-    """Everything the overview shows for one tag, as JSON-able data."""
+          now: float | None = None, found: Sequence[tuple[str, str, list[Verdict]]] = ()) -> dict[str, Any]:
+    """Everything the overview shows for one tag, as JSON-able data (`found`: its studies)."""
     now = time.time() if now is None else now
     config = lab.config
     direction, k = config.metric.direction, config.judge.k if config.judge.mode == "noise" else None
@@ -162,7 +174,7 @@ def state(lab: Lab, history: list[Experiment], tag: str, tags: list[str], runs: 
         "rows": [row(e, numbers.get(e.id)) for e in reversed(history)], "rows_total": len(history),
         "facets": {"status": sorted({e.status for e in history}), "agent": sorted({clean(e.agent, limit=80) for e in history}),
                    "worker": sorted({clean(e.worker, limit=40) for e in history if e.worker})},
-        "chart": chart, "lineage": lineage, "workers": workers,
+        "chart": chart, "lineage": lineage, "workers": workers, "studies": studies(list(found)),
     }
 
 

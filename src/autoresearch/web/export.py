@@ -17,6 +17,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from ..carry import Verdict
 from ..experiment import Experiment
 from ..files import write_atomically
 from ..lab import Lab
@@ -37,12 +38,12 @@ def _hash(text: str) -> str:
 
 
 def render_html(lab: Lab, history: list[Experiment], tag: str, runs: list[dict[str, Any]],
-                details: int = DETAILS) -> str:
-    """The report as one HTML document."""
+                details: int = DETAILS, found: list[tuple[str, str, list[Verdict]]] | None = None) -> str:
+    """The report as one HTML document (`found`: the tag's studies, carry.lab_studies)."""
     static = static_dir()
     css = [(static / name).read_text(encoding="utf-8") for name in ("uPlot.min.css", "diff.css", "app.css")]
     js = [(static / name).read_text(encoding="utf-8") for name in ("uPlot.iife.min.js", "app.js")]
-    value = data.state(lab, history, tag, [tag], runs)
+    value = data.state(lab, history, tag, [tag], runs, found=found or [])
     value["version"] = None
     value["workers"] = []  # a snapshot: nothing runs in a file
     chosen = {e.id for e in history if e.status == "keep"}
@@ -57,8 +58,9 @@ def render_html(lab: Lab, history: list[Experiment], tag: str, runs: list[dict[s
         inline_css=[Markup(t) for t in css], inline_js=[Markup(t) for t in js])  # noqa: S704 (the package's files)
 
 
-def write_html(lab: Lab, history: list[Experiment], tag: str, runs: list[dict[str, Any]], path: Path) -> Path:
+def write_html(lab: Lab, history: list[Experiment], tag: str, runs: list[dict[str, Any]], path: Path,
+               found: list[tuple[str, str, list[Verdict]]] | None = None) -> Path:
     """Write the report to `path` (through a temporary file: a reader never sees half of it)."""
-    text = render_html(lab, history, tag, runs)
+    text = render_html(lab, history, tag, runs, found=found)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomically(path, text)

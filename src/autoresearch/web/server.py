@@ -24,6 +24,7 @@ from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from ..carry import lab_studies
 from ..errors import ConfigError
 from ..experiment import Experiment
 from ..lab import Lab
@@ -90,7 +91,8 @@ class Research:
         if cached is None or cached[0] != version:
             ledger = self.ledger()
             runs = [] if ledger is None else [dict(r) for r in ledger.runs(tag)]
-            value = data.state(self.lab, self.history(tag), tag, self.tags(), runs)
+            found = [] if ledger is None else lab_studies(ledger, tag, self.lab.config)
+            value = data.state(self.lab, self.history(tag), tag, self.tags(), runs, found=found)
             value["version"] = version
             cached = self._states[tag] = (version, value, {})
         _, value, bodies = cached

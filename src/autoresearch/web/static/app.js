@@ -195,6 +195,27 @@
     for (const dot of card.querySelectorAll("[data-color]")) dot.style.color = dot.dataset.color;
   }
 
+  // -- promote and ablate ------------------------------------------------------------------------
+  function drawStudies(s) {
+    const card = document.getElementById("studies-card");
+    const studies = s.studies || [];
+    card.hidden = !studies.length;
+    if (card.hidden) return;
+    const interval = (a) => (a.gain === null ? "—" : a.low === null ? signed(a.gain) : signed(a.gain) + " ± " + fmt((a.high - a.low) / 2));
+    const tone = (a) => (/^(carries over|needed)/.test(a.verdict) ? "good" : /^(hurts|removing it helps)/.test(a.verdict) ? "bad" : "none");
+    document.getElementById("studies").replaceChildren(...studies.map((st) => {
+      const title = st.kind === "promote" ? "promoted" : "ablated";
+      const name = live ? el("a", { href: "/?tag=" + encodeURIComponent(st.tag), text: st.tag }) : el("code", { text: st.tag });
+      const head = ["#", "arm", "pairs", st.kind === "promote" ? "reference" : "champion", "arm's", st.kind === "promote" ? "gain" : "effect", "verdict"];
+      const rows = st.arms.map((a) => el("tr", {}, el("td", { class: "num" }, live ? linkTo(a.id, String(a.id)) : String(a.id)),
+        el("td", { class: "desc" }, a.description, ...a.notes.map((n) => el("div", { class: "none", text: n }))),
+        el("td", { class: "num", text: a.pairs }), el("td", { class: "num", text: fmt(a.reference) }), el("td", { class: "num", text: fmt(a.metric) }),
+        el("td", { class: "num", text: interval(a) }), el("td", {}, el("span", { class: tone(a), text: a.verdict }))));
+      return el("div", { class: "study" }, el("h3", {}, title + " · ", name),
+        el("table", {}, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))), el("tbody", {}, ...rows)));
+    }));
+  }
+
   // -- the table -------------------------------------------------------------------------------
   function options(id, values) {
     const select = document.getElementById(id);
@@ -254,7 +275,7 @@
     state = s;
     clockOffset = s.now - Date.now() / 1000;
     document.getElementById("empty").hidden = true;
-    drawFigures(s); drawChart(s); drawWorkers(s); drawLineage(s); drawAgents(s); drawTable(s);
+    drawFigures(s); drawChart(s); drawWorkers(s); drawLineage(s); drawAgents(s); drawStudies(s); drawTable(s);
     body.dataset.version = String(s.version ?? "");
     body.dataset.rows = String(s.rows_total);
     if (!body.dataset.drawn) body.dataset.drawn = performance.now().toFixed(0); // navigation start to the first draw
