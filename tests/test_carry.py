@@ -296,3 +296,16 @@ def test_the_built_in_task_promoted_to_a_deeper_model_and_ablated(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     report = (lab / "report.md").read_text()
     assert "## Promotions" in report and "## Ablations" in report
+
+
+def test_promote_on_two_workers_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers 2: the rounds' runs go to both workers (each its own worktree and cores); the same
+    rows and verdicts as one worker makes."""
+    repo = two_changes(tmp_path)
+    assert cli(repo, monkeypatch, "promote", "--repeats", "2", "--each", "--workers", "2") == 0
+    tag, rows = study_rows(repo, "promote")
+    assert len(rows) == 8 and all(e.status in ("keep", "measured") for e in rows)
+    assert {e.worker for e in rows} == {"w0", "w1"}
+    arms = [e for e in rows if e.kind != "repeat"]
+    assert [e.reason for e in arms[1:]] == [f"carries over: gain +{g:.6f} ± 0.000000 (95% interval, 2 pairs)"
+                                            for g in (7, 5, 2)]
