@@ -56,7 +56,8 @@ def one(args: argparse.Namespace, overlap: bool) -> None:
         script = [Delay(args.delay, then=Reply(reply(0.6 + i / 100))) for i in range(args.experiments + 2)]
         with FakeLLM(script=script, key="sk-bench") as server:
             lab = find_lab(repo)
-            agent = make_agent("openai:bench", repo, {"base_url": server.openai_base_url}, editable=["bench.py"])
+            agent = make_agent("openai:bench", repo, {"base_url": server.openai_base_url,
+                                                       "reply_format": "blocks"}, editable=["bench.py"])
             agent.slow = overlap  # type: ignore[attr-defined]
             with Ledger(ledger_path(lab)) as ledger:
                 loop = Loop(lab, agent, RunOptions(tag="b", max_experiments=args.experiments), ledger, PlainView())

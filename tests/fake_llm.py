@@ -6,6 +6,7 @@
         OpenAI(base_url=server.openai_base_url, api_key="sk-test")        # .../v1
         Anthropic(base_url=server.anthropic_base_url, api_key="sk-test")  # the SDK appends /v1/messages
         server.requests          # [Request(path, headers, json), ...], one per request received
+        server.requests[0].json  # its body as the SDK sent it: messages, max_tokens, response_format, ...
         server.script.extend([Reply("more")])  # steps may be appended while it runs
 
 Routing is by path suffix: `.../chat/completions` answers in the OpenAI format, `.../messages` in the
@@ -35,11 +36,13 @@ __all__ = ["FakeLLM", "Reply", "Status", "Delay", "Request", "fake_llm"]
 
 @dataclass(frozen=True)
 class Reply:
-    """A successful completion. `input_tokens=None` leaves usage out of the reply (as some local servers do)."""
+    """A successful completion. `input_tokens=None` leaves usage out of the reply (as some local servers do);
+    `truncated` says it stopped at max_tokens (finish_reason "length", stop_reason "max_tokens")."""
 
     text: str
     input_tokens: int | None = 100
     output_tokens: int | None = 50
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,8 @@ def _anthropic_error(code: int, message: str) -> dict[str, Any]:
 def _openai_reply(step: Reply, model: str, n: int) -> dict[str, Any]:
     reply: dict[str, Any] = {
         "id": f"chatcmpl-fake{n}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": step.text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": step.text},
+                     "finish_reason": "length" if step.truncated else "stop"}],
     }
     if step.input_tokens is not None and step.output_tokens is not None:
         reply["usage"] = {"prompt_tokens": step.input_tokens, "completion_tokens": step.output_tokens,
@@ -220,7 +224,8 @@ def _openai_reply(step: Reply, model: str, n: int) -> dict[str, Any]:
 def _anthropic_reply(step: Reply, model: str, n: int) -> dict[str, Any]:
     reply: dict[str, Any] = {
         "id": f"msg_fake{n}", "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": step.text}], "stop_reason": "end_turn", "stop_sequence": None,
+        "content": [{"type": "text", "text": step.text}],
+        "stop_reason": "max_tokens" if step.truncated else "end_turn", "stop_sequence": None,
     }
     if step.input_tokens is not None and step.output_tokens is not None:
         reply["usage"] = {"input_tokens": step.input_tokens, "output_tokens": step.output_tokens}

@@ -71,7 +71,9 @@ def test_llm_backends_on_the_gpt_lab(lab: Path, spec: str, monkeypatch: pytest.M
     with FakeLLM(script=replies, key=KEY) as server:
         url = server.openai_base_url if spec.startswith("openai") else server.anthropic_base_url
         toml = lab / "autoresearch.toml"
-        toml.write_text(toml.read_text().replace("[agent]\n", f'[agent]\nbase_url = "{url}"\nbackoff_base = 0.01\n'))
+        # the replies are SEARCH/REPLACE blocks; `auto` would ask the 127.0.0.1 server for JSON
+        toml.write_text(toml.read_text().replace(
+            "[agent]\n", f'[agent]\nbase_url = "{url}"\nbackoff_base = 0.01\nreply_format = "blocks"\n'))
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "agent settings"],
                        cwd=lab, check=True)
         proc = run_cli("run", "--agent", spec, "--max-experiments", "3", "--plain", "--tag", "e2e", cwd=lab)

@@ -32,11 +32,14 @@ def edit(old: str, new: str, description: str, path: str = "bench.py") -> str:
             f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n")
 
 
-def loop_with(repo: Path, spec: str, server: FakeLLM, tag: str = "llm", **options: object) -> Loop:
+def loop_with(repo: Path, spec: str, server: FakeLLM, tag: str = "llm", *, reply_format: str = "blocks",
+              **options: object) -> Loop:
+    """The loop on `repo` with an LLM agent at `server`; SEARCH/REPLACE replies unless `reply_format`
+    says otherwise (`auto` would pick JSON for the 127.0.0.1 server)."""
     base_url = server.openai_base_url if spec.startswith("openai:") else server.anthropic_base_url
     lab = find_lab(repo)
     agent = make_agent(spec, repo, {"base_url": base_url, "max_retries": 2, "backoff_base": 0.01,
-                                    "prices": {"fake": [10_000.0, 0.0]}},
+                                    "prices": {"fake": [10_000.0, 0.0]}, "reply_format": reply_format},
                        editable=lab.config.editable, tag=tag)
     with Ledger(ledger_path(lab)) as ledger:
         loop = Loop(lab, agent, RunOptions(tag=tag, **options), ledger, PlainView())  # type: ignore[arg-type]
@@ -210,8 +213,8 @@ def bench_context() -> ResearchContext:
 
 
 def replies_agent(root: Path, server: FakeLLM) -> Agent:
-    return make_agent("openai:fake", root, {"base_url": server.openai_base_url, "max_retries": 0},
-                      editable=("bench.py",), tag="t")
+    return make_agent("openai:fake", root, {"base_url": server.openai_base_url, "max_retries": 0,
+                                            "reply_format": "blocks"}, editable=("bench.py",), tag="t")
 
 
 def saved(proposal: Proposal, root: Path) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 - `patches:DIR`: replays unified diffs in name order.
 - `openai:<model>`: any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp, LM Studio,
   OpenRouter: set base_url); `anthropic:<model>`: Anthropic's API. Their replies are saved in the
-  lab's `.autoresearch/transcripts`, like the coding assistants' sessions.
+  lab's `.autoresearch/transcripts`, like the coding assistants' sessions. `reply_format`: "blocks"
+  (SEARCH/REPLACE), "json" (one object of a schema the server enforces) or "auto": json for a local
+  or private-network OpenAI-compatible server, blocks elsewhere (agents/structured.py).
 - `claude-code`, `codex`: the coding assistants, run headless in a worktree of their own.
 
 Options come from the `[agent]` table of autoresearch.toml; unknown keys are an error. Several
@@ -32,7 +34,7 @@ AGENT_SPECS = ("hparam", "patches:DIR", "openai:MODEL", "anthropic:MODEL", "clau
 OPTIONS = {
     "hparam": {"file", "space", "seed", "max_changes", "startup_trials"},
     "llm": {"base_url", "api_key_env", "timeout", "max_retries", "backoff_base", "backoff_max", "prices",
-            "temperature", "max_attempts", "max_chars", "max_tokens"},
+            "temperature", "max_attempts", "max_chars", "max_tokens", "reply_format"},
     "cli": {"model", "timeout", "executable", "extra_args"},
 }
 
@@ -90,10 +92,13 @@ def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], 
         from ..lab import STATE_DIR
         from .llm import LLMAgent
         from .providers import ProviderOptions, make_provider
+        from .structured import choose_reply_format
 
+        url = base_url or options.get("base_url")
+        reply_format = choose_reply_format(options.get("reply_format", "auto"), spec.partition(":")[0], url)
         prices = {str(k): (float(v[0]), float(v[1])) for k, v in dict(options.get("prices", {})).items()}
         provider = make_provider(spec, ProviderOptions(
-            base_url=base_url or options.get("base_url"), api_key_env=options.get("api_key_env"),
+            base_url=url, api_key_env=options.get("api_key_env"),
             timeout=float(options.get("timeout", 600)), max_retries=int(options.get("max_retries", 6)),
             backoff_base=float(options.get("backoff_base", 2.0)), backoff_max=float(options.get("backoff_max", 120.0)),
             prices=prices or None, temperature=options.get("temperature"),
@@ -101,7 +106,8 @@ def _build(spec: str, root: Path, options: dict[str, Any], editable: list[str], 
         return LLMAgent(provider, editable=lambda path: matches(path, editable),
                         max_attempts=int(options.get("max_attempts", 3)), max_chars=int(options.get("max_chars", 120_000)),
                         max_tokens=int(options.get("max_tokens", 8192)), hardware=hardware(),
-                        transcripts=root / STATE_DIR / "transcripts", tag=tag, secret_env=secret_env)
+                        transcripts=root / STATE_DIR / "transcripts", tag=tag, secret_env=secret_env,
+                        reply_format=reply_format)
     kind, _, model = spec.partition(":")
     if kind in ("claude-code", "codex"):
         from .coding_cli import CodingCLIAgent

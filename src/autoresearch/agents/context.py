@@ -1,5 +1,6 @@
 """What an LLM sees: a system prompt (role, rules, reply format) and a user prompt (the brief, the
-code, the history), within a size budget, the same text for the same input.
+code, the history), within a size budget, the same text for the same input. The reply format is
+SEARCH/REPLACE blocks (edits.BLOCKS) or one JSON object (structured.JSON).
 
 The brief, the code and a repair request are never cut. When the whole is over `max_chars`, the
 rest shrinks in this order: the near-miss diffs go (least close first), then the diffs of kept
@@ -17,7 +18,7 @@ from pathlib import PurePosixPath
 
 from ..experiment import Experiment
 from .base import ResearchContext
-from .edits import FORMAT_RULES, REPLY_FORMAT
+from .edits import BLOCKS, ReplyFormat
 
 NEAR_MISSES = 5  # at most this many near misses, from the best 20% of discards
 DIFF_CHARS = 6_000  # one diff in the history is cut after this many characters
@@ -136,7 +137,7 @@ def _diff_entry(e: Experiment, metric_name: str) -> str:
             f"{_fenced(_cut(e.patch or '', DIFF_CHARS), 'diff')}")
 
 
-def _system(context: ResearchContext) -> str:
+def _system(context: ResearchContext, fmt: ReplyFormat) -> str:
     paths = sorted(context.files)
     better = "lower" if context.direction == "min" else "higher"
     example_path = paths[0] if paths else "train.py"
@@ -153,39 +154,29 @@ Rules:
 - No new dependencies: use only what the code already imports and the Python standard library.
 - Do not touch the evaluation, the validation data, the time budget, or how the metric is computed or
   reported. Attempts are detected and void the experiment.
-- Your blocks apply to the code exactly as shown in the prompt. Do not repeat an experiment from the
+- Your {fmt.block}s apply to the code exactly as shown in the prompt. Do not repeat an experiment from the
   history unless you change what made it fail.
 - Simplicity wins ties: the same result with less code is better.
 
 Reply in exactly this format:
 
-{REPLY_FORMAT.format(path=example_path)}
+{fmt.shape(example_path)}
 
-{FORMAT_RULES}
+{fmt.rules}
 
 For example (the lines here are made up; copy yours from the real file):
 
-DESCRIPTION: raise the learning rate to 0.05 and add a 2% warmup
-RATIONALE: The loss is still falling steeply when the schedule ends, which suggests the rate is too
-low for this budget. A short warmup should keep the first steps stable at the higher rate.
-
-{example_path}
-<<<<<<< SEARCH
-LEARNING_RATE = 0.04  # peak learning rate
-WARMUP_RATIO = 0.0  # fraction of the budget spent warming up
-=======
-LEARNING_RATE = 0.05  # peak learning rate
-WARMUP_RATIO = 0.02  # fraction of the budget spent warming up
->>>>>>> REPLACE
+{fmt.example(example_path)}
 """
 
 
-def _repair_section(context: ResearchContext, repair: RepairRequest) -> str:
+def _repair_section(context: ResearchContext, repair: RepairRequest, fmt: ReplyFormat) -> str:
     e = repair.failed
     tail = "\n".join(repair.log_tail.rstrip("\n").splitlines()[-LOG_LINES:])
     where = ("The code shown above is this failed version (the champion with the change applied): edit it."
              if repair.files_have_change else
-             "The code shown above is the champion's, WITHOUT the change: your blocks must make the whole change, fixed.")
+             f"The code shown above is the champion's, WITHOUT the change: your {fmt.block}s must make the whole "
+             "change, fixed.")
     return "\n".join([
         f"# Repair: experiment #{e.id} failed ({e.status}), attempt {repair.attempt} of {repair.max_attempts}",
         "",
@@ -206,9 +197,10 @@ def _repair_section(context: ResearchContext, repair: RepairRequest) -> str:
 
 
 def build_prompt(context: ResearchContext, *, max_chars: int = 120_000, hardware: str = "",
-                 repair: RepairRequest | None = None) -> Prompt:
-    """The prompt for the next proposal (or, with `repair`, for the fix of a failed one)."""
-    system = _system(context)
+                 repair: RepairRequest | None = None, reply_format: ReplyFormat = BLOCKS) -> Prompt:
+    """The prompt for the next proposal (or, with `repair`, for the fix of a failed one), asking for
+    a reply in `reply_format`."""
+    system = _system(context, reply_format)
     better = "lower" if context.direction == "min" else "higher"
     champion = "not measured yet" if context.champion_metric is None else f"{context.champion_metric:.6f}"
     if repair is not None and repair.files_have_change:
@@ -235,7 +227,7 @@ def build_prompt(context: ResearchContext, *, max_chars: int = 120_000, hardware
     if last is not None and repair is None:
         note += f"\nThe latest experiment, #{last.id}, failed ({last.status}): {_line(last.reason, 500) or '-'}"
     if repair is not None:
-        tail = _repair_section(context, repair)
+        tail = _repair_section(context, repair, reply_format)
     else:
         tail = ("# Your task\n\nPropose the next experiment: one change to the champion's code that you expect "
                 f"to improve {context.metric_name}. Reply in the format given in the system prompt.")

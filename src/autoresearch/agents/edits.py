@@ -8,6 +8,10 @@ number, path, the closest region of the file with line numbers) goes back to the
 An empty SEARCH creates a new file; it is refused when the file already exists (with content), so an
 edit can never silently overwrite or append to a file. Creating needs an `editable` predicate that
 accepts the path: without one, only the files given may be changed.
+
+A `ReplyFormat` bundles a way of writing edits: how the prompt explains it, its parser, and the words
+the error messages use for its parts. `BLOCKS` is this module's; `structured.JSON` is the same edits
+as one JSON object. Both parse into EditBlocks, so applying and feedback are shared.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from difflib import SequenceMatcher
+from typing import Any
 
 from .base import AgentError
 
@@ -70,8 +75,28 @@ class ParsedReply:
     blocks: list[EditBlock]
 
 
-def _format_error(problem: str) -> FormatError:
-    return FormatError(f"{problem}\nThe reply must look like this:\n{REPLY_FORMAT.format(path='train.py')}\n{FORMAT_RULES}")
+@dataclass(frozen=True)
+class ReplyFormat:
+    """One way of writing a proposal: what the prompt shows, how a reply is parsed, and what the
+    messages sent back call its parts, so the feedback speaks the model's own format."""
+
+    name: str  # "blocks" or "json", as the [agent] reply_format option spells it
+    parse: Callable[[str], ParsedReply]  # strict; raises FormatError
+    shape: Callable[[str], str]  # the reply's layout, for an example file path
+    rules: str  # how edits must be written, after the layout
+    example: Callable[[str], str]  # a whole made-up reply changing that file (it parses)
+    block: str = "block"  # one edit, in messages: "block 2 (train.py): ..."
+    search: str = "SEARCH"  # the part that must match the file
+    resend: str = "the whole proposal (DESCRIPTION, RATIONALE and every block)"
+    response_format: Mapping[str, Any] | None = None  # sent with each request where the API takes one
+
+    def help(self, path: str = "train.py") -> str:
+        """The layout and the rules, as a failed reply is reminded of them."""
+        return f"The reply must look like this:\n{self.shape(path)}\n{self.rules}"
+
+
+def _format_error(problem: str, fmt: ReplyFormat | None = None) -> FormatError:
+    return FormatError(f"{problem}\n{(fmt or BLOCKS).help()}")
 
 
 def _path_in(line: str) -> str | None:
@@ -158,10 +183,30 @@ def parse_reply(text: str) -> ParsedReply:
     return ParsedReply(description=description, rationale="\n".join(rationale).strip(), blocks=blocks)
 
 
-def _clean_path(path: str, index: int) -> str:
+# The made-up proposal every format's example shows (the prompt says its lines are made up).
+EXAMPLE_DESCRIPTION = "raise the learning rate to 0.05 and add a 2% warmup"
+EXAMPLE_RATIONALE = ("The loss is still falling steeply when the schedule ends, which suggests the rate is too\n"
+                     "low for this budget. A short warmup should keep the first steps stable at the higher rate.")
+EXAMPLE_SEARCH = ("LEARNING_RATE = 0.04  # peak learning rate\n"
+                  "WARMUP_RATIO = 0.0  # fraction of the budget spent warming up\n")
+EXAMPLE_REPLACE = ("LEARNING_RATE = 0.05  # peak learning rate\n"
+                   "WARMUP_RATIO = 0.02  # fraction of the budget spent warming up\n")
+
+
+def _blocks_example(path: str) -> str:
+    return (f"DESCRIPTION: {EXAMPLE_DESCRIPTION}\nRATIONALE: {EXAMPLE_RATIONALE}\n\n{path}\n<<<<<<< SEARCH\n"
+            f"{EXAMPLE_SEARCH}=======\n{EXAMPLE_REPLACE}>>>>>>> REPLACE")
+
+
+BLOCKS = ReplyFormat(name="blocks", parse=parse_reply, shape=lambda path: REPLY_FORMAT.format(path=path),
+                     rules=FORMAT_RULES, example=_blocks_example)
+
+
+def _clean_path(path: str, index: int, fmt: ReplyFormat) -> str:
     clean = posixpath.normpath(path.replace("\\", "/"))
     if clean.startswith(("/", "../")) or clean in ("..", "."):
-        raise AgentError(f"block {index}: the path {path!r} leaves the project; use a relative path such as train.py")
+        raise AgentError(f"{fmt.block} {index}: the path {path!r} leaves the project; use a relative path such as "
+                         "train.py")
     return clean
 
 
@@ -226,7 +271,7 @@ def closest_region(text: str, search: str, max_ratios: int = 12) -> tuple[int, i
     return best[1] + 1, best[1] + size, max(best[0], 0.0)
 
 
-def _mismatch(block: EditBlock, path: str, text: str) -> EditMismatch:
+def _mismatch(block: EditBlock, path: str, text: str, fmt: ReplyFormat) -> EditMismatch:
     first, last, similarity = closest_region(text, block.search)
     lines = text.splitlines()
     shown = [f"{n:>5} | {lines[n - 1]}" for n in range(first, min(last, first + 59) + 1)]
@@ -236,28 +281,31 @@ def _mismatch(block: EditBlock, path: str, text: str) -> EditMismatch:
     note = ""
     for k, (mine, theirs) in enumerate(zip(searched, lines[first - 1:last])):
         if mine != theirs:
-            note = (f"\nFirst difference: SEARCH line {k + 1} is {mine!r} but line {first + k} of {path} is "
+            note = (f"\nFirst difference: {fmt.search} line {k + 1} is {mine!r} but line {first + k} of {path} is "
                     f"{theirs!r}.")
             break
     if "".join(block.search.split()) == "".join("".join(lines[first - 1:last]).split()):
         note += "\nThe text matches when whitespace is ignored: copy the indentation and spacing exactly."
     return EditMismatch(
-        f"block {block.index} ({path}): the SEARCH text was not found exactly in {path}. The closest region is "
-        f"lines {first}-{last} (similarity {similarity:.2f}, whitespace ignored):\n" + "\n".join(shown) + note +
-        f"\nCopy the lines to change exactly from the current {path} into SEARCH. No block was applied.")
+        f"{fmt.block} {block.index} ({path}): the {fmt.search} text was not found exactly in {path}. The closest "
+        f"region is lines {first}-{last} (similarity {similarity:.2f}, whitespace ignored):\n" + "\n".join(shown) +
+        note + f"\nCopy the lines to change exactly from the current {path} into {fmt.search}. No {fmt.block} was "
+        "applied.")
 
 
-def apply_edits(files: dict[str, str], blocks: list[EditBlock],
-                editable: Callable[[str], bool] | None = None) -> dict[str, str]:
-    """Apply the blocks in order and return the changed files (path -> new content). All or nothing."""
+def apply_edits(files: dict[str, str], blocks: list[EditBlock], editable: Callable[[str], bool] | None = None,
+                fmt: ReplyFormat = BLOCKS) -> dict[str, str]:
+    """Apply the blocks in order and return the changed files (path -> new content). All or nothing;
+    the errors name the parts as `fmt` does."""
+    b, search = fmt.block, fmt.search
     current: dict[str, str | None] = {}
     restore: dict[str, tuple[bool, bool]] = {}  # path -> (had CRLF, lacked the final newline)
     for block in blocks:
-        path = _clean_path(block.path, block.index)
+        path = _clean_path(block.path, block.index, fmt)
         allowed = editable(path) if editable is not None else path in files
         if not allowed:
             names = ", ".join(sorted(files)) or "none"
-            raise AgentError(f"block {block.index}: {path} is not an editable file (editable: {names})")
+            raise AgentError(f"{b} {block.index}: {path} is not an editable file (editable: {names})")
         if path not in current:
             text = files.get(path)
             if text is not None:
@@ -268,21 +316,21 @@ def apply_edits(files: dict[str, str], blocks: list[EditBlock],
         text = current[path]
         if not block.search:
             if text is not None and text.strip():
-                raise EditMismatch(f"block {block.index} ({path}): an empty SEARCH creates a new file, but {path} "
-                                   "exists; to change it, copy the lines to replace into SEARCH. No block was applied.")
+                raise EditMismatch(f"{b} {block.index} ({path}): an empty {search} creates a new file, but {path} "
+                                   f"exists; to change it, copy the lines to replace into {search}. No {b} was applied.")
             current[path] = block.replace
             continue
         if text is None:
-            raise EditMismatch(f"block {block.index} ({path}): {path} does not exist; to create it, leave SEARCH "
-                               "empty. No block was applied.")
+            raise EditMismatch(f"{b} {block.index} ({path}): {path} does not exist; to create it, leave {search} "
+                               f"empty. No {b} was applied.")
         starts = _starts(text, block.search)
         if not starts:
-            raise _mismatch(block, path, text)
+            raise _mismatch(block, path, text, fmt)
         if len(starts) > 1:
             where = ", ".join(str(text.count("\n", 0, s) + 1) for s in starts[:10])
-            raise EditMismatch(f"block {block.index} ({path}): the SEARCH text occurs {len(starts)} times in "
+            raise EditMismatch(f"{b} {block.index} ({path}): the {search} text occurs {len(starts)} times in "
                                f"{path} (at lines {where}); add neighbouring lines so that it matches one place "
-                               "only. No block was applied.")
+                               f"only. No {b} was applied.")
         current[path] = text[:starts[0]] + block.replace + text[starts[0] + len(block.search):]
     changed: dict[str, str] = {}
     for path, text in current.items():
@@ -295,15 +343,18 @@ def apply_edits(files: dict[str, str], blocks: list[EditBlock],
         if files.get(path) != text:
             changed[path] = text
     if not changed:
-        raise _format_error("the edit changes nothing: the files after applying every block equal the originals")
+        raise _format_error(f"the edit changes nothing: the files after applying every {b} equal the originals", fmt)
     return changed
 
 
-def describe_problem(exc: AgentError) -> str:
-    """The message sent back to the model after a failed reply: what went wrong, and what to send."""
+def describe_problem(exc: AgentError, fmt: ReplyFormat = BLOCKS, cut_at: int | None = None) -> str:
+    """The message sent back to the model after a failed reply: what went wrong, and what to send.
+    `cut_at`: the reply stopped at this many tokens, the most a reply may have."""
     text = str(exc)
     if not isinstance(exc, FormatError):
-        text += f"\n{FORMAT_RULES}"
-    return (f"Your reply could not be applied:\n{text}\n\nReply again with the whole proposal (DESCRIPTION, "
-            "RATIONALE and every block), against the current files as shown before; nothing of the previous "
-            "reply was kept.")
+        text += f"\n{fmt.rules}"
+    if cut_at is not None:
+        text += (f"\nYour reply was cut off at {cut_at} tokens, the most a reply may have: send a shorter one "
+                 "(fewer and smaller edits, a one-sentence rationale).")
+    return (f"Your reply could not be applied:\n{text}\n\nReply again with {fmt.resend}, against the current "
+            "files as shown before; nothing of the previous reply was kept.")

@@ -1,9 +1,11 @@
 """An LLM research agent: `openai:<model>` (any OpenAI-compatible server) and `anthropic:<model>`.
 
 It reads the brief, the champion's code and the history, and replies with a description, a
-rationale and SEARCH/REPLACE blocks. A reply that cannot be parsed, a SEARCH that does not match
-exactly, a no-op, or a file that no longer compiles is sent back with a precise error, up to
-`max_attempts` times; after that the proposal carries the error and the loop records it as invalid.
+rationale and its edits: SEARCH/REPLACE blocks, or one JSON object of the schema the request
+carries (`reply_format`, structured.py; small local models get JSON). A reply that cannot be
+parsed, a SEARCH that does not match exactly, a no-op, or a file that no longer compiles is sent
+back with a precise error in the reply's own terms, up to `max_attempts` times; after that the
+proposal carries the error and the loop records it as invalid.
 Given a transcripts directory, every conversation (each request, the model's raw reply, what was
 wrong with it) is saved there as one JSON file, `<tag>-<UTC time>Z-llm.json`, secrets redacted,
 also when the provider fails midway; its path goes in the proposal's `meta["transcript"]`.
@@ -27,7 +29,7 @@ from ..files import write_atomically
 from ..procgroup import redact
 from .base import AgentBase, AgentError, Proposal, ResearchContext
 from .context import Prompt, RepairRequest, build_prompt
-from .edits import EditBlock, apply_edits, describe_problem, parse_reply
+from .edits import BLOCKS, EditBlock, ReplyFormat, apply_edits, describe_problem
 from .providers import Completion, Message, Provider
 
 REPLIES_FORMAT = "autoresearch-replies/1"  # the transcript's shape, as the web dashboard reads it
@@ -67,33 +69,36 @@ class Replies:
     system: str = ""
     exchanges: list[dict[str, Any]] = field(default_factory=list)
     outcome: str = ""  # "ok", the error of a proposal with no valid edit, or "failed: <the exception>"
+    reply_format: str = "blocks"  # what the model was asked to answer in: "blocks" or "json"
 
     def add(self, prompt: str, c: Completion) -> dict[str, Any]:
         """Record one request; the caller sets the returned exchange's `problem` when the reply is refused."""
         exchange: dict[str, Any] = {
             "request": len(self.exchanges) + 1, "prompt": prompt, "reply": c.text, "model": c.model,
             "input_tokens": c.input_tokens, "output_tokens": c.output_tokens, "seconds": round(c.seconds, 3),
-            "cost_usd": c.cost_usd, "problem": None}
+            "cost_usd": c.cost_usd, "truncated": c.truncated, "problem": None}
         self.exchanges.append(exchange)
         return exchange
 
     def as_json(self) -> dict[str, Any]:
         return {"format": REPLIES_FORMAT, "agent": self.agent, "kind": self.kind, "repair_of": self.repair_of,
-                "started_at": self.started_at, "system": self.system, "exchanges": self.exchanges,
-                "outcome": self.outcome}
+                "reply_format": self.reply_format, "started_at": self.started_at, "system": self.system,
+                "exchanges": self.exchanges, "outcome": self.outcome}
 
 
 class LLMAgent(AgentBase):
     """Proposes code changes with a chat model. Slow: the loop prepares proposals ahead."""
 
     slow = True
-    can_rebase = True  # the same SEARCH/REPLACE blocks, on the new champion's files
+    can_rebase = True  # the same edits, on the new champion's files
 
     def __init__(self, provider: Provider, editable: Callable[[str], bool], *, max_attempts: int = 3,
                  max_chars: int = 120_000, hardware: str = "", max_tokens: int = 8192,
-                 transcripts: Path | None = None, tag: str = "run", secret_env: Sequence[str] = ()) -> None:
+                 transcripts: Path | None = None, tag: str = "run", secret_env: Sequence[str] = (),
+                 reply_format: ReplyFormat = BLOCKS) -> None:
         """`transcripts`: the directory every conversation is saved to (None: nowhere); `tag` starts
-        the file names; `secret_env`: patterns of variables redacted from them besides SECRET_PATTERNS."""
+        the file names; `secret_env`: patterns of variables redacted from them besides SECRET_PATTERNS;
+        `reply_format`: edits.BLOCKS or structured.JSON (its response_format goes with each request)."""
         if max_attempts < 1:
             raise AgentError("max_attempts must be at least 1")
         self.provider, self.editable = provider, editable
@@ -101,6 +106,7 @@ class LLMAgent(AgentBase):
         self.max_attempts, self.max_chars, self.hardware, self.max_tokens = max_attempts, max_chars, hardware, max_tokens
         self.transcripts, self.tag = transcripts, tag
         self.secrets = (*SECRET_PATTERNS, *secret_env)
+        self.reply_format = reply_format
 
     def propose(self, context: ResearchContext) -> Proposal | None:
         return self._converse(context, None)
@@ -115,7 +121,8 @@ class LLMAgent(AgentBase):
         return _rebase_edits(proposal, files, self.editable)
 
     def _prompt(self, context: ResearchContext, repair: RepairRequest | None, max_chars: int) -> Prompt:
-        return build_prompt(context, max_chars=max_chars, hardware=self.hardware, repair=repair)
+        return build_prompt(context, max_chars=max_chars, hardware=self.hardware, repair=repair,
+                            reply_format=self.reply_format)
 
     def _complete(self, context: ResearchContext, repair: RepairRequest | None, messages: list[Message],
                   usage: Usage, replies: Replies) -> tuple[Completion, list[Message]]:
@@ -126,7 +133,8 @@ class LLMAgent(AgentBase):
             prompt = self._prompt(context, repair, max_chars)
             convo = [Message("user", prompt.user), *messages[1:]] if messages else [Message("user", prompt.user)]
             try:
-                completion = self.provider.complete(prompt.system, convo, max_tokens=self.max_tokens)
+                completion = self.provider.complete(prompt.system, convo, max_tokens=self.max_tokens,
+                                                    response_format=self.reply_format.response_format)
             except ContextTooLong:
                 max_chars //= 2
                 continue
@@ -139,7 +147,7 @@ class LLMAgent(AgentBase):
     def _converse(self, context: ResearchContext, repair: RepairRequest | None) -> Proposal:
         """One proposal or repair conversation, saved whatever its end (when there is a directory)."""
         replies = Replies(agent=self.provider.spec, kind="propose" if repair is None else "repair",
-                          repair_of=None if repair is None else repair.failed.id)
+                          repair_of=None if repair is None else repair.failed.id, reply_format=self.reply_format.name)
         try:
             proposal = self._attempts(context, repair, replies)
             replies.outcome = proposal.error or "ok"
@@ -155,17 +163,20 @@ class LLMAgent(AgentBase):
         usage = Usage()
         messages: list[Message] = []
         problems: list[str] = []
+        fmt = self.reply_format
         for attempt in range(1, self.max_attempts + 1):
             completion, messages = self._complete(context, repair, messages, usage, replies)
             exchange = replies.add(messages[-1].content, completion)  # the prompt, then each error sent back
             try:
-                reply = parse_reply(completion.text)
-                changed = apply_edits(context.files, reply.blocks, self.editable)
-                _check_compiles(changed)
+                reply = fmt.parse(completion.text)
+                changed = apply_edits(context.files, reply.blocks, self.editable, fmt)
+                _check_compiles(changed, fmt)
             except AgentError as exc:
-                problems.append(str(exc).splitlines()[0])
+                cut_at = self.max_tokens if completion.truncated else None
+                problems.append(str(exc).splitlines()[0] + (f" (cut off at {cut_at} tokens)" if cut_at else ""))
                 exchange["problem"] = problems[-1]
-                messages = [*messages, Message("assistant", completion.text), Message("user", describe_problem(exc))]
+                messages = [*messages, Message("assistant", completion.text),
+                            Message("user", describe_problem(exc, fmt, cut_at))]
                 continue
             meta = {**usage.as_meta(), "attempts": attempt, "format_errors": problems, "model": completion.model,
                     "edits": [{"path": b.path, "search": b.search, "replace": b.replace} for b in reply.blocks]}
@@ -205,7 +216,8 @@ def _redacted(value: Any, env: Mapping[str, str], secrets: Sequence[str]) -> Any
 
 
 def _rebase_edits(proposal: Proposal, files: dict[str, str], editable: Callable[[str], bool]) -> Proposal | None:
-    """Re-apply a proposal's SEARCH/REPLACE blocks to other files (a newer champion)."""
+    """Re-apply a proposal's edits (as SEARCH/REPLACE blocks, whatever the reply's format) to other
+    files (a newer champion)."""
     blocks = [EditBlock(path=e["path"], search=e["search"], replace=e["replace"], index=i + 1)
               for i, e in enumerate(proposal.meta.get("edits", []))]
     if not blocks:
@@ -218,11 +230,11 @@ def _rebase_edits(proposal: Proposal, files: dict[str, str], editable: Callable[
     return Proposal(description=proposal.description, files=changed, rationale=proposal.rationale, meta=proposal.meta)
 
 
-def _check_compiles(files: dict[str, str]) -> None:
+def _check_compiles(files: dict[str, str], fmt: ReplyFormat = BLOCKS) -> None:
     for path, text in files.items():
         if path.endswith(".py"):
             try:
                 compile(text, path, "exec")
             except SyntaxError as exc:
                 raise AgentError(f"after your edits {path} does not compile: {exc.msg} at line {exc.lineno}",
-                                 "send corrected SEARCH/REPLACE blocks against the original file") from None
+                                 f"send corrected {fmt.block}s against the original file") from None

@@ -9,6 +9,10 @@ never-retry list is explicit: rate limits, server errors, dropped connections an
 retried with exponential backoff and jitter, honouring Retry-After; a refused key, an unknown model,
 a context that is too long and any other 4xx fail at once. The API key is read once, at
 construction, and never appears in a message or a repr.
+
+A request may carry a `response_format` (the OpenAI-compatible structured-output field, see
+structured.py); the OpenAI provider sends it, and drops it for good when the server refuses it with a
+400 naming it. The Anthropic Messages API has none: that provider sends the prompt alone.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 from ..errors import (
@@ -35,7 +40,7 @@ from ..errors import (
 )
 
 __all__ = ["Message", "Completion", "Provider", "ProviderOptions", "ProviderRequestError", "OpenAIProvider",
-           "AnthropicProvider", "make_provider", "estimate_cost", "PRICES", "PROVIDER_SPECS"]
+           "AnthropicProvider", "make_provider", "estimate_cost", "is_local", "PRICES", "PROVIDER_SPECS"]
 
 PROVIDER_SPECS = ("openai:<model>", "anthropic:<model>")
 LOCAL_KEY = "not-needed"  # sent to local OpenAI-compatible servers when no key is set; they ignore it
@@ -90,6 +95,7 @@ class Completion:
     cost_usd: float | None  # None when no price is known for the model
     seconds: float  # wall time of the successful request
     attempts: int  # requests made, retries included
+    truncated: bool = False  # the reply stopped at max_tokens (finish_reason "length", stop_reason "max_tokens")
 
 
 class Provider(Protocol):
@@ -97,7 +103,8 @@ class Provider(Protocol):
 
     spec: str  # e.g. "openai:gpt-5-mini"
 
-    def complete(self, system: str, messages: list[Message], max_tokens: int = 8192) -> Completion: ...
+    def complete(self, system: str, messages: list[Message], max_tokens: int = 8192,
+                 response_format: Mapping[str, Any] | None = None) -> Completion: ...
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,16 @@ def make_provider(spec: str, options: ProviderOptions | None = None) -> Provider
     return classes[kind](model.strip(), options or ProviderOptions())
 
 
+class _Answer(NamedTuple):
+    """What one successful request returned."""
+
+    text: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    truncated: bool
+
+
 @dataclass(frozen=True)
 class _Verdict:
     """How to handle one failed request."""
@@ -174,7 +191,7 @@ class _RetryingProvider:
         key = os.environ.get(self.key_env, "")
         self._keyless = not key
         if not key:
-            if not _is_local(options.base_url):
+            if not is_local(options.base_url):
                 raise MissingKey(f"{self.key_env} is not set",
                                  f"export {self.key_env}=... or pass --base-url for a local server")
             key = LOCAL_KEY
@@ -188,26 +205,31 @@ class _RetryingProvider:
     def _make_client(self, key: str) -> Any:
         raise NotImplementedError
 
-    def _send(self, system: str, messages: list[Message], max_tokens: int) -> tuple[str, str, int, int]:
-        """One request: (text, model, input_tokens, output_tokens). SDK exceptions propagate."""
+    def _send(self, system: str, messages: list[Message], max_tokens: int,
+              response_format: Mapping[str, Any] | None) -> _Answer:
+        """One request. SDK exceptions propagate."""
         raise NotImplementedError
 
-    def complete(self, system: str, messages: list[Message], max_tokens: int = 8192) -> Completion:
-        """Ask the model; retry transient failures; raise a typed error for everything else."""
+    def complete(self, system: str, messages: list[Message], max_tokens: int = 8192,
+                 response_format: Mapping[str, Any] | None = None) -> Completion:
+        """Ask the model (its reply constrained by `response_format` where the API takes one); retry
+        transient failures; raise a typed error for everything else."""
         attempts, retries = 0, 0
         while True:
             attempts += 1
             start = time.monotonic()
             try:
-                text, model, n_in, n_out = self._send(system, messages, max_tokens)
+                answer = self._send(system, messages, max_tokens, response_format)
             except self.sdk.APIError as exc:
                 verdict = self._classify(exc)
             else:
+                n_in, n_out = answer.input_tokens, answer.output_tokens
                 cost = estimate_cost(self.model, n_in, n_out, self.options.prices)
-                if cost is None and model != self.model:
-                    cost = estimate_cost(model, n_in, n_out, self.options.prices)
-                return Completion(text=text, model=model, input_tokens=n_in, output_tokens=n_out, cost_usd=cost,
-                                  seconds=time.monotonic() - start, attempts=attempts)
+                if cost is None and answer.model != self.model:
+                    cost = estimate_cost(answer.model, n_in, n_out, self.options.prices)
+                return Completion(text=answer.text, model=answer.model, input_tokens=n_in, output_tokens=n_out,
+                                  cost_usd=cost, seconds=time.monotonic() - start, attempts=attempts,
+                                  truncated=answer.truncated)
             if verdict.again:
                 continue
             if not verdict.transient:
@@ -280,24 +302,35 @@ class OpenAIProvider(_RetryingProvider):
         official = urlparse(str(client.base_url)).hostname == "api.openai.com"
         self._token_param = "max_completion_tokens" if official else "max_tokens"
         self._switched = False
+        self._sends_format = True  # False once the server refused response_format
+        self._sent_format = False  # whether the request being classified carried it
         return client
 
-    def _send(self, system: str, messages: list[Message], max_tokens: int) -> tuple[str, str, int, int]:
+    def _send(self, system: str, messages: list[Message], max_tokens: int,
+              response_format: Mapping[str, Any] | None) -> _Answer:
         wire = ([{"role": "system", "content": system}] if system else []) + [
             {"role": m.role, "content": m.content} for m in messages]
         extra: dict[str, Any] = {self._token_param: max_tokens}
         if self.options.temperature is not None:
             extra["temperature"] = self.options.temperature
+        self._sent_format = response_format is not None and self._sends_format
+        if self._sent_format:
+            extra["response_format"] = dict(response_format or {})
         response = self.client.chat.completions.create(model=self.model, messages=wire, timeout=self.options.timeout,
                                                        **extra)
         choices = getattr(response, "choices", None)
         if not choices:
             raise ProviderRequestError(f"{self.spec}: the server at {self.base_url} returned no choices")
         usage = getattr(response, "usage", None)
-        return (choices[0].message.content or "", getattr(response, "model", None) or self.model,
-                int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
+        return _Answer(choices[0].message.content or "", getattr(response, "model", None) or self.model,
+                       int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0),
+                       getattr(choices[0], "finish_reason", None) == "length")
 
     def _classify(self, exc: Any) -> _Verdict:
+        if isinstance(exc, self.sdk.BadRequestError) and self._sent_format \
+                and "response_format" in _server_message(exc).lower():
+            self._sends_format = False  # an older server or model: the prompt still asks for the format
+            return _Verdict(ProviderRequestError(_server_message(exc)), again=True)
         if isinstance(exc, self.sdk.BadRequestError) and not self._switched:
             text = _server_message(exc).lower()
             if self._token_param in text and any(w in text for w in ("unsupported", "not supported", "unrecognized",
@@ -320,7 +353,9 @@ class AnthropicProvider(_RetryingProvider):
         return self.sdk.Anthropic(api_key=key, base_url=self.options.base_url, timeout=self.options.timeout,
                                   max_retries=0)
 
-    def _send(self, system: str, messages: list[Message], max_tokens: int) -> tuple[str, str, int, int]:
+    def _send(self, system: str, messages: list[Message], max_tokens: int,
+              response_format: Mapping[str, Any] | None) -> _Answer:
+        """`response_format` is not sent: the Messages API has no such field (the prompt asks for the format)."""
         extra: dict[str, Any] = {"system": system} if system else {}
         if self.options.temperature is not None:  # newer SDKs dropped the keyword; the API still takes it
             extra["extra_body"] = {"temperature": self.options.temperature}
@@ -330,12 +365,14 @@ class AnthropicProvider(_RetryingProvider):
         blocks = getattr(response, "content", None) or []
         text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", None) == "text")
         usage = getattr(response, "usage", None)
-        return (text, getattr(response, "model", None) or self.model,
-                int(getattr(usage, "input_tokens", 0) or 0), int(getattr(usage, "output_tokens", 0) or 0))
+        return _Answer(text, getattr(response, "model", None) or self.model,
+                       int(getattr(usage, "input_tokens", 0) or 0), int(getattr(usage, "output_tokens", 0) or 0),
+                       getattr(response, "stop_reason", None) == "max_tokens")
 
 
-def _is_local(base_url: str | None) -> bool:
-    """Whether base_url points at this machine (local servers need no key)."""
+def is_local(base_url: str | None, private: bool = False) -> bool:
+    """Whether base_url points at this machine (local servers need no key): localhost, 127.0.0.0/8,
+    ::1, 0.0.0.0; with `private`, a private-network address too (10/8, 172.16/12, 192.168/16, fc00::/7)."""
     host = urlparse(base_url).hostname if base_url else None
     if not host:
         return False
@@ -345,7 +382,7 @@ def _is_local(base_url: str | None) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    return address.is_loopback or address.is_unspecified
+    return address.is_loopback or address.is_unspecified or (private and address.is_private)
 
 
 def _error_body(exc: Any) -> dict[str, Any]:
