@@ -126,3 +126,27 @@ def test_a_node_removed_mid_run_runs_its_experiment_again(cluster: LocalCluster,
     while bench_processes(repo) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert bench_processes(repo) == []
+
+
+def test_promote_on_the_cluster(cluster: LocalCluster, tmp_path: Path) -> None:
+    """`promote --ray`: a study's rounds run on the cluster's nodes, one run per node at once."""
+    from test_loop import diff, run_loop, write_patches
+
+    from autoresearch.carry import Study, StudyOptions
+
+    repo = sleepy_target(tmp_path, 1.0)
+    program = (repo / "bench.py").read_text()
+    wide = program.replace("WIDTH = 10 ", "WIDTH = 15 ")
+    changes = [diff("bench.py", program, wide, "width 15"),
+               diff("bench.py", wide, wide.replace("RATE = 0.5 ", "RATE = 0.3 "), "rate 0.3")]
+    run_loop(repo, f"patches:{write_patches(tmp_path / 'patches', changes)}")
+    study = Study(find_lab(repo), StudyOptions("promote", "t1", repeats=2, ray=cluster.cluster.address), PlainView())
+    reason, result = study.run()
+    assert reason == "study finished"
+    assert [(v.description, v.verdict, v.gain) for v in result] == [
+        ("the kept chain (2 changes) at the same scale", "carries over", pytest.approx(7.0))]
+    with Ledger(ledger_path(find_lab(repo))) as ledger:
+        rows = ledger.experiments(study.tag)
+    assert len(rows) == 4 and all(e.status in ("keep", "measured") for e in rows)
+    assert len({e.node for e in rows}) == 2 and {e.regime for e in rows} == {"cpu x1"}
+    assert all(Path(e.log_path or "").is_file() for e in rows)
