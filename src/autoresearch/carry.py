@@ -26,6 +26,7 @@ import json
 import math
 import queue
 import re
+import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from .display import clean, markdown_cell
 from .errors import ConfigError, GitError
 from .experiment import EXPERIMENT_REF, Experiment
 from .gitrepo import Git
-from .judge import improvement, mean
+from .judge import floored, improvement, mean
 from .lab import Lab
 from .ledger import Ledger
 from .view import View
@@ -174,7 +175,7 @@ def judge_arm(pairs: list[tuple[float, float]], direction: str, kind: str,
     gain = mean(gains)
     if len(gains) < 2:
         return gain, None, None, "too few runs for an interval (1 pair)"
-    spread = max(math_stdev(gains), sigma_floor * abs(mean([ref for ref, _ in pairs])))
+    spread = floored(statistics.stdev(gains), mean([ref for ref, _ in pairs]), sigma_floor) or 0.0
     half = t975(len(gains) - 1) * spread / math.sqrt(len(gains))
     low, high = gain - half, gain + half
     if kind == "promote":
@@ -183,11 +184,6 @@ def judge_arm(pairs: list[tuple[float, float]], direction: str, kind: str,
         verdict = ("needed: removing it hurts" if low > 0 else "removing it helps: a candidate for removal"
                    if high < 0 else "not needed within noise: a candidate for simplification")
     return gain, low, high, verdict
-
-
-def math_stdev(values: list[float]) -> float:
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def verdicts(history: list[Experiment], direction: str, sigma_floor: float = 0.0) -> list[Verdict]:
@@ -506,8 +502,7 @@ class Study:
         if reference.status == "invalid":
             raise LoopError(f"the reference of this study could not be made: {reference.reason}")
         order = [self._round_row(loop, arm, r) for r in range(self.repeats) for arm in runnable]
-        todo = [eid for eid in order if loop.ledger.get(eid).outcome is None or loop.ledger.get(eid).status in
-                ("pending", "running")]
+        todo = [e.id for e in map(loop.ledger.get, order) if e.outcome is None or e.status in ("pending", "running")]
         if len(todo) < len(order):
             self.view.message(f"resuming study {self.tag}: {len(order) - len(todo)} of {len(order)} runs done")
         self._run_all(loop, todo, reference.id)
@@ -619,17 +614,8 @@ class Study:
 
     def _run_one(self, loop: Loop, eid: int, reference: int) -> None:
         from .loop import LoopError
-        from .measurement import drop_scratch
 
-        e = loop._run(eid)
-        if e.kind == "repeat":
-            e = loop._finish_repeat(e)
-        else:
-            status, reason = ("measured", None) if e.outcome == "ok" and e.metric is not None else loop._failure(e)
-            loop.ledger.update(e.id, status=status, reason=reason, finished_at=time.time())
-            e = loop.ledger.get(e.id)
-            drop_scratch(loop.lab.scratch(e.id))
-            loop.view.finished(e, None)
+        e = loop._finish_repeat(loop._run(eid))  # an arm's own run too: measured (or failed), judged later
         if eid == reference and e.status != "measured":
             raise LoopError(f"the study's reference run failed ({e.reason}); nothing can be compared against it",
                             f"see its log: {e.log_path}")
